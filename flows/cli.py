@@ -1,0 +1,127 @@
+"""`reflow`: the command line. Imports are lazy so `reflow validate` answers in a fraction of a second."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+for _var, _value in (("DO_NOT_TRACK", "true"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                     ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DVC_NO_ANALYTICS", "1"), ("HF_HUB_OFFLINE", "1")):
+    os.environ.setdefault(_var, _value)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from stages.params import ParamsError, load_params
+
+    try:
+        load_params(args.file)
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import pipeline
+    from stages.params import ParamsError, load_params
+    from storage.lineage import find_repo_root
+
+    root = find_repo_root()
+    try:
+        load_params(root / "params.yaml")
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    where = os.environ.get("PREFECT_API_URL") or "an ephemeral Prefect server (set PREFECT_API_URL to use yours)"
+    print(f"reflow: running the pipeline in {root} on {where}", flush=True)
+    state = pipeline(root=str(root), targets=args.targets or None, stage_timeout_s=args.stage_timeout,
+                     return_state=True)
+    if not state.is_completed():
+        print(f"reflow: pipeline {state.name}: {state.message or ''}", file=sys.stderr)
+        return 1
+    from flows.summary import print_summary
+
+    print_summary(root)
+    return 0
+
+
+def _wait_http(url: str, timeout_s: float) -> bool:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from stages.params import load_params
+    from storage.lineage import find_repo_root
+    from storage.tracking import tracking_uri
+
+    root = find_repo_root()
+    params = load_params(root / "params.yaml")
+    bin_dir = Path(sys.executable).parent
+    prefect_url = f"http://{args.host}:{args.prefect_port}"
+    mlflow_url = f"http://{args.host}:{args.mlflow_port}"
+    procs = [
+        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", args.host,
+                          "--port", str(args.prefect_port)], start_new_session=True),
+        subprocess.Popen([str(bin_dir / "mlflow"), "server", "--host", args.host, "--port",
+                          str(args.mlflow_port), "--backend-store-uri",
+                          tracking_uri(params.tracking.uri, root)], start_new_session=True),
+    ]
+    ok = _wait_http(f"{prefect_url}/api/health", 90) and _wait_http(mlflow_url, 90)
+    if ok:
+        print(f"\nPrefect UI: {prefect_url}\nMLflow UI:  {mlflow_url}\n"
+              f"To report flow runs to this Prefect server: export PREFECT_API_URL={prefect_url}/api\n"
+              "Ctrl-C stops both.", flush=True)
+    try:
+        while ok and all(p.poll() is None for p in procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a params file: OK, or every error with its key path")
+    p.add_argument("file", nargs="?", default="params.yaml")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run the pipeline through Prefect (DVC skips what is up to date)")
+    p.add_argument("targets", nargs="*", help="stages to bring up to date with their ancestors (default all)")
+    p.add_argument("--stage-timeout", type=float, default=6 * 3600.0, help="seconds before a stage is killed")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ui", help="start the Prefect and MLflow servers and print their URLs")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

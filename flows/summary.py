@@ -1,0 +1,31 @@
+"""What a finished run produced and where to look: printed at the end of `reflow run` and `make demo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def print_summary(root: Path) -> None:
+    from stages.params import load_params
+    from storage.tracking import tracking_uri
+
+    params = load_params(root / "params.yaml")
+    print("\nArtifacts (versioned by DVC; `dvc status` says what is up to date):")
+    for out in sorted((root / "artifacts").iterdir()) if (root / "artifacts").is_dir() else []:
+        if out.name.startswith("."):
+            continue
+        print(f"  {out.relative_to(root)}/  {_size(out) / 1e6:8.2f} MB")
+        for png in sorted(out.glob("*.png")):
+            print(f"      picture: {png.relative_to(root)}")
+    print("\nMetrics (`dvc metrics show`):")
+    for m in sorted((root / "metrics").glob("*.json")) if (root / "metrics").is_dir() else []:
+        values = json.loads(m.read_text())
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        print(f"  {m.stem:14s} {shown}")
+    print(f"\nMLflow store: {tracking_uri(params.tracking.uri, root)} (experiment {params.tracking.experiment!r})")
+    print("Browse runs and flows: `reflow ui` (Prefect on http://127.0.0.1:4200, MLflow on http://127.0.0.1:5000)")

@@ -1,0 +1,186 @@
+"""The networks: diffusers' DiT and AutoencoderKL, brought in line with the reference recipes.
+
+diffusers' `DiTTransformer2DModel` differs from facebookresearch/DiT in ways that matter for training
+from scratch and for importing released weights (STACK.md): no adaLN-Zero initialisation, a
+per-block label embedder with a hard-coded 10% dropout, and timestep frequencies divided by 127
+instead of 128. `build_dit` and `load_dit` are the only ways this project makes a DiT, and both
+apply `_reference_fixes`, so a saved and reloaded model behaves exactly as the one trained.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers: a missing hub id otherwise retries ~25 s
+
+from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: E402
+from diffusers.models.embeddings import LabelEmbedding, Timesteps  # noqa: E402
+
+# The network sees time as t * TIME_SCALE: DiT's sinusoidal embedding was built for steps 0..999.
+TIME_SCALE = 999.0
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message says from where and how to supply it."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DiT
+# ---------------------------------------------------------------------------------------------------------
+def _reference_fixes(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """Label dropout off (we drop labels ourselves, once per sample) and reference timestep frequencies."""
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0  # the table keeps its null row (index num_classes) for guidance
+        elif isinstance(module, Timesteps):
+            module.downscale_freq_shift = 0
+    return model
+
+
+def _adaln_zero_init(model: DiTTransformer2DModel) -> None:
+    """DiT's initialisation: xavier linears, N(0, 0.02) embeddings, zeroed modulation and output layers.
+
+    With zeroed adaLN modulation every block starts as the identity, which the reference learning rate
+    and EMA settings assume.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    patch = model.pos_embed.proj
+    nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1))
+    nn.init.zeros_(patch.bias)
+    for block in model.transformer_blocks:
+        emb = block.norm1.emb
+        nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+        nn.init.zeros_(block.norm1.linear.weight)
+        nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (model.proj_out_1, model.proj_out_2):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+def build_dit(
+    *,
+    sample_size: int,
+    in_channels: int,
+    num_classes: int,
+    patch_size: int,
+    num_layers: int,
+    num_attention_heads: int,
+    attention_head_dim: int,
+    learn_sigma: bool = False,
+    seed: int = 0,
+) -> DiTTransformer2DModel:
+    """A class-conditional DiT with adaLN-Zero initialisation; `num_classes` is the null label."""
+    if sample_size % patch_size:
+        raise ValueError(f"latent size {sample_size} is not divisible by dit.patch_size={patch_size}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DiTTransformer2DModel(
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=in_channels * (2 if learn_sigma else 1),
+            num_layers=num_layers,
+            sample_size=sample_size,
+            patch_size=patch_size,
+            num_embeds_ada_norm=num_classes,
+            norm_eps=1e-6,
+        )
+        _adaln_zero_init(model)
+    return _reference_fixes(model)
+
+
+def load_dit(path: str | Path) -> DiTTransformer2DModel:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: no DiT here (expected a diffusers folder with config.json)")
+    return _reference_fixes(DiTTransformer2DModel.from_pretrained(path))
+
+
+def null_label(model: DiTTransformer2DModel) -> int:
+    """The class index reserved for 'no class' (classifier-free guidance)."""
+    return int(model.config.num_embeds_ada_norm)
+
+
+def dit_epsilon(model: DiTTransformer2DModel, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor):
+    """Epsilon prediction; with learned sigma the variance channels are dropped (DDIM does not use them)."""
+    out = model(x, timestep=timesteps, class_labels=y).sample
+    return out[:, : x.shape[1]]
+
+
+def dit_velocity(model: DiTTransformer2DModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    """Velocity prediction at time t in [0, 1] (t = 0 noise, t = 1 data); the network sees t * 999."""
+    out = model(x, timestep=t * TIME_SCALE, class_labels=y).sample
+    return out[:, : x.shape[1]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------------------
+def build_vae(
+    *, latent_channels: int, block_out_channels: list[int], layers_per_block: int, norm_num_groups: int,
+    seed: int = 0,
+) -> AutoencoderKL:
+    """A small AutoencoderKL; each block after the first halves the resolution."""
+    n = len(block_out_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            latent_channels=latent_channels,
+            norm_num_groups=norm_num_groups,
+            sample_size=32,
+        )
+
+
+def load_vae(pretrained: str | Path, subfolder: str | None = None) -> AutoencoderKL:
+    """An AutoencoderKL from a local diffusers folder or a hub id that is already in the local cache."""
+    local = Path(pretrained).expanduser()
+    try:
+        if local.exists():
+            return AutoencoderKL.from_pretrained(local, subfolder=subfolder)
+        return AutoencoderKL.from_pretrained(str(pretrained), subfolder=subfolder)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"vae.pretrained={pretrained!r}: could not load an AutoencoderKL ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0]}). This machine is offline: download the weights elsewhere "
+            "(e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema`), copy the folder here and set "
+            "vae.pretrained to its local path, or set vae.pretrained: null to train a small VAE."
+        ) from None
+
+
+def vae_downsampling(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def images_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range diffusers' VAEs expect."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def unit_to_images(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+
+
+@torch.inference_mode()
+def decode_latents(vae: AutoencoderKL, z: torch.Tensor, scale_factor: float, batch_size: int = 256):
+    """Scaled latents -> uint8 images, batched."""
+    out = []
+    for i in range(0, len(z), batch_size):
+        chunk = z[i : i + batch_size].to(vae.device, vae.dtype) / scale_factor
+        out.append(unit_to_images(vae.decode(chunk).sample.float()).cpu())
+    return torch.cat(out)

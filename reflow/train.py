@@ -1,0 +1,199 @@
+"""One training loop for every model in the pipeline (VAE, DiT teacher, velocity models, students).
+
+Read top to bottom: build the optimiser and EMA, restore a checkpoint if there is one, then
+`for step`: draw the batch, compute the loss, step, update the EMA, log, checkpoint.
+
+All randomness is a function of (seed, step, rank): the data order is a per-epoch permutation and the
+loss's noise comes from a generator seeded per step. Resuming therefore needs only the step counter
+plus the model, EMA and optimiser states, and a resumed run is bitwise identical to an uninterrupted
+one on CPU. `accelerate` carries device placement, mixed precision and multi-process data parallelism.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from torch import nn
+from tqdm.auto import tqdm
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch, torch.Generator], torch.Tensor]
+LogFn = Callable[[dict[str, float], int], None]
+
+
+class ResumeStore(Protocol):
+    """Where training state is checkpointed between runs (storage.checkpoints provides one on disk)."""
+
+    def load(self) -> dict[str, Any] | None: ...
+
+    def save(self, state: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last checkpoint written before it is still valid."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int  # per process
+    lr: float
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float | None = 1.0
+    log_every: int = 25
+    checkpoint_every: int = 200
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the raw weights after the last step
+    ema: nn.Module  # the EMA weights (what gets saved and sampled from)
+    last_loss: float
+    images_per_s: float
+    resumed_from: int
+
+
+def mix_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (SplitMix64 finaliser over a running combination)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class EpochSampler:
+    """Indices of the batch at a given step: consecutive slices of a fresh permutation per epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                mix_seed(self.seed, epoch)))}
+        return self._perms[epoch]
+
+    def indices(self, step: int, global_batch: int, rank: int, local_batch: int) -> torch.Tensor:
+        start = step * global_batch + rank * local_batch
+        positions = torch.arange(start, start + local_batch)
+        out = torch.empty(local_batch, dtype=torch.long)
+        for epoch in positions.div(self.n, rounding_mode="floor").unique().tolist():
+            sel = positions.div(self.n, rounding_mode="floor") == epoch
+            out[sel] = self._perm(epoch)[positions[sel] % self.n]
+        return out
+
+
+def make_accelerator(device: str, mixed_precision: str) -> Accelerator:
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("compute.device is 'cuda' but no CUDA device is visible")
+    if not cpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Batch,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    *,
+    resume: ResumeStore | None = None,
+    log: LogFn | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train `model` on the in-RAM tensors `data` (rows on the first axis) for `cfg.steps` steps."""
+    n = len(next(iter(data.values())))
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    data = {k: v.to(device) for k, v in data.items()}
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
+    model.to(device)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    start = 0
+    state = resume.load() if resume is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        start = int(state["step"])
+    ema.to(device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    sampler = EpochSampler(n, cfg.seed)
+    global_batch = cfg.batch_size * world
+    window_loss, window_steps, window_t0 = torch.zeros((), device=device), 0, time.perf_counter()
+    last_loss, images_per_s = float("nan"), 0.0
+
+    def checkpoint(step: int) -> None:
+        if resume is not None and accelerator.is_main_process:
+            resume.save({
+                "model": accelerator.unwrap_model(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict(),
+                "step": step,
+            })
+        accelerator.wait_for_everyone()
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", mininterval=1.0,
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        idx = sampler.indices(step, global_batch, rank, cfg.batch_size).to(device)
+        batch = {k: v[idx] for k, v in data.items()}
+        generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, step, rank, 1))
+        with accelerator.autocast():
+            loss = loss_fn(model, batch, generator)
+        if not torch.isfinite(loss.detach()).item():
+            raise NonFiniteLossError(
+                f"{desc}: loss is {loss.item()} at step {step}; stopped. The last checkpoint "
+                f"(step {(step // cfg.checkpoint_every) * cfg.checkpoint_every}) is intact: lower the "
+                "learning rate or enable grad_clip and rerun to resume from it."
+            )
+        accelerator.backward(loss)
+        if cfg.grad_clip is not None:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(accelerator.unwrap_model(model).parameters())
+        window_loss += loss.detach().float()
+        window_steps += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            last_loss = accelerator.reduce(window_loss, "mean").item() / window_steps
+            elapsed = time.perf_counter() - window_t0
+            images_per_s = window_steps * global_batch / max(elapsed, 1e-9)
+            if log is not None and accelerator.is_main_process:
+                log({"loss": last_loss, "images_per_s": images_per_s, "lr": cfg.lr}, done)
+            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.0f}")
+            window_loss.zero_()
+            window_steps, window_t0 = 0, time.perf_counter()
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            checkpoint(done)
+        bar.update(1)
+    bar.close()
+    if start < cfg.steps:
+        checkpoint(cfg.steps)
+
+    raw = accelerator.unwrap_model(model)
+    ema_model = copy.deepcopy(raw)
+    ema.copy_to(ema_model.parameters())
+    raw.eval()
+    ema_model.eval()
+    return TrainResult(raw, ema_model, last_loss, images_per_s, start)

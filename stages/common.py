@@ -1,0 +1,134 @@
+"""What every stage shares: its declaration, and the thin `main()` around its pure `run()`.
+
+A stage module declares a `SPEC` (name, params sections, deps, outs, metrics file) that mirrors its
+entry in `dvc.yaml` (a test keeps the two equal) and a `run(ctx) -> metrics`. `stage_main` does the
+rest, in an order chosen so that nothing is touched before the params are known to be valid:
+
+  1. validate the whole `params.yaml` (exit 2 with every problem listed);
+  2. hash the inputs with DVC and pick the scratch directory (resume state) for params + inputs;
+  3. open (or resume) the stage's MLflow run with its lineage tags;
+  4. `run(ctx)`; outputs are written atomically by the stage through `storage`;
+  5. write the metrics file, tag the run with DVC's hashes of the outputs, clear the scratch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from stages.params import ParamsError, ParamsView, load_params  # noqa: E402
+from storage import lineage, tracking  # noqa: E402
+from storage.atomic import atomic_write_json  # noqa: E402
+from storage.hashing import params_hash  # noqa: E402
+from storage.scratch import clear_scratch, scratch_dir  # noqa: E402
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage as `dvc.yaml` sees it. Paths are relative to the repo root."""
+
+    name: str
+    params: tuple[str, ...]
+    deps: dict[str, str] = field(default_factory=dict)  # role -> path
+    outs: dict[str, str] = field(default_factory=dict)  # role -> path
+    metrics: str | None = None
+
+
+@dataclass
+class StageContext:
+    """Everything `run()` may use: its params sections, paths, resume scratch and the tracker."""
+
+    spec: StageSpec
+    root: Path
+    params: ParamsView
+    scratch: Path
+    inputs: dict[str, str]  # dep path -> DVC hash
+    params_hash: str
+    tracked: bool = True  # False when run() is called directly (tests, notebooks): nothing is logged
+
+    def dep(self, role: str) -> Path:
+        return self.root / self.spec.deps[role]
+
+    def out(self, role: str) -> Path:
+        return self.root / self.spec.outs[role]
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.tracked:
+            tracking.log_metrics(metrics, step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.tracked:
+            tracking.log_artifact(path, artifact_path)
+
+    def attrs(self) -> dict[str, str]:
+        """What every artifact records about its making (zarr attrs, model meta)."""
+        return {"producer": self.spec.name, "params_hash": self.params_hash}
+
+
+class StageError(RuntimeError):
+    """A failure with a message meant for the user (no traceback needed)."""
+
+
+def set_threads(params: ParamsView) -> None:
+    import torch
+
+    n = params.compute.num_threads if "compute" in params._sections else None
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def make_context(spec: StageSpec, root: Path, tracked: bool = True) -> StageContext:
+    """Validate params (raising ParamsError) and resolve inputs and scratch for a stage in `root`."""
+    params = load_params(root / "params.yaml")
+    view = ParamsView(params, spec.params)
+    try:
+        inputs = lineage.stage_input_hashes(root, spec.name)
+    except KeyError:
+        inputs = {}  # not declared in this dvc.yaml (a notebook or a test calling run() directly)
+    section_values = view.as_dict()
+    key = {"params": section_values, "inputs": inputs}
+    return StageContext(
+        spec=spec, root=root, params=view, scratch=scratch_dir(root, spec.name, key), inputs=inputs,
+        params_hash=params_hash(section_values), tracked=tracked,
+    )
+
+
+def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]]) -> int:
+    """Entry point of `python -m stages.<name>`: returns the process exit code."""
+    root = lineage.find_repo_root()
+    try:
+        ctx = make_context(spec, root)
+    except ParamsError as exc:
+        print(f"error: stage {spec.name!r} did not start, no output was touched.\n{exc}", file=sys.stderr)
+        return 2
+    set_threads(ctx.params)
+    full = load_params(root / "params.yaml")
+    tracking.configure(full.tracking.uri, full.tracking.experiment, root)
+    commit, dirty = lineage.git_state(root)
+    tags = {"params_hash": ctx.params_hash, "git_commit": commit or "none", "git_dirty": str(dirty).lower(),
+            "status": "executed"}
+    if os.environ.get(tracking.ENV_PIPELINE_RUN):
+        tags["pipeline_run_id"] = os.environ[tracking.ENV_PIPELINE_RUN]
+    try:
+        with tracking.stage_run(stage=spec.name, scratch=ctx.scratch, params=ctx.params.as_dict(),
+                                tags=tags, inputs=ctx.inputs):
+            metrics = run(ctx)
+            if spec.metrics:
+                (root / spec.metrics).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(root / spec.metrics, metrics)
+            tracking.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+            outputs = lineage.stage_output_hashes(root, spec.name)
+            tracking.set_tags({f"output.{path}": h for path, h in outputs.items()})
+    except (StageError, ValueError, FileNotFoundError) as exc:
+        print(f"error: stage {spec.name!r} failed: {exc}", file=sys.stderr)
+        if os.environ.get("REFLOW_DEBUG"):
+            traceback.print_exc()
+        return 1
+    clear_scratch(ctx.scratch)
+    return 0

@@ -1,0 +1,71 @@
+"""`dit`: the class-conditional DiT teacher on latents, DDPM epsilon objective, EMA weights saved.
+
+Both flips of every image are training rows. The saved model is the EMA; the DDPM schedule it was
+trained with is saved in its `reflow.json`, so the DDIM sampler reads the same alpha-bar.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
+from reflow.models import build_dit, load_dit, null_label
+from reflow.train import TrainConfig, make_accelerator, train
+from stages.common import StageContext, StageSpec, stage_main
+from storage.checkpoints import save_model
+from storage.datasets import open_dataset
+from storage.resume import FileResume
+
+SPEC = StageSpec(
+    name="dit",
+    params=("compute", "dit"),
+    deps={"latents": "artifacts/extract"},
+    outs={"model": "artifacts/dit"},
+    metrics="metrics/dit.json",
+)
+
+
+def run(ctx: StageContext) -> dict:
+    p, compute = ctx.params.dit, ctx.params.compute
+    latents = open_dataset(ctx.dep("latents") / "latents.zarr", kind="latents")
+    z1 = torch.from_numpy(np.concatenate([latents.load("z1"), latents.load("z1_flip")]))
+    labels = torch.from_numpy(np.tile(latents.load("labels"), 2)).long()
+    num_classes = int(latents.attrs["num_classes"])
+    channels, size = z1.shape[1], z1.shape[-1]
+    if p.pretrained:
+        model = load_dit(ctx.root / p.pretrained)
+    else:
+        model = build_dit(sample_size=size, in_channels=channels, num_classes=num_classes,
+                          patch_size=p.patch_size, num_layers=p.num_layers,
+                          num_attention_heads=p.num_attention_heads, attention_head_dim=p.attention_head_dim,
+                          learn_sigma=p.learn_sigma, seed=compute.seed)
+    scheduler = make_ddpm_scheduler(p.num_train_timesteps, p.beta_start, p.beta_end)
+    objective = DDPMObjective(scheduler, null_label=null_label(model), label_dropout=p.label_dropout,
+                              learn_sigma=p.learn_sigma)
+    accelerator = make_accelerator(compute.device, compute.mixed_precision)
+    cfg = TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                      ema_decay=p.ema_decay, grad_clip=p.grad_clip, log_every=p.log_every,
+                      checkpoint_every=p.checkpoint_every, seed=compute.seed)
+    result = train(model, objective, {"z1": z1, "label": labels}, cfg, accelerator,
+                   resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="dit")
+    out = ctx.out("model")
+    n_params = sum(q.numel() for q in result.ema.parameters())
+    save_model(result.ema.to("cpu"), out, meta={
+        **ctx.attrs(), "kind": "dit", "objective": "ddpm_epsilon", "num_classes": num_classes,
+        "null_label": null_label(result.ema), "latent_shape": [channels, size, size],
+        "scale_factor": float(latents.attrs["scale_factor"]), "learn_sigma": p.learn_sigma,
+        "parameters": n_params, "ddpm": {"num_train_timesteps": p.num_train_timesteps,
+                                         "beta_start": p.beta_start, "beta_end": p.beta_end}})
+    return {"train_loss": result.last_loss, "images_per_s": result.images_per_s, "parameters": n_params,
+            "resumed_from_step": result.resumed_from}
+
+
+def main() -> int:
+    return stage_main(SPEC, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

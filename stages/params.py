@@ -1,0 +1,232 @@
+"""The schema of `params.yaml`: one strict pydantic model per section.
+
+Every stage validates the whole file before it touches an output, so a typo in any section stops the
+pipeline at its first stage with the key path, the bad value and what was expected. Unknown keys are
+errors (`extra="forbid"`): a misspelt knob silently falling back to its default is the worst outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveInt = Field(gt=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared sections
+# ---------------------------------------------------------------------------------------------------------
+class DataParams(Strict):
+    """Where the images come from and the resolution every stage works at."""
+
+    source: Literal["digits", "imagefolder", "npz"] = "digits"
+    # Folder (imagefolder) or file (npz), relative to the repo root or absolute. It is a DVC dependency
+    # of `prepare`, so replacing images reruns the pipeline; the digits source ignores it.
+    path: str = "data"
+    resolution: int = Field(32, ge=8, le=1024)
+    reference_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # held out for FID, never trained on
+    split_seed: int = 0
+    max_images: int | None = Field(None, ge=4)  # cap for quick runs; None keeps all
+
+    @model_validator(mode="after")
+    def _resolution_multiple_of_8(self) -> DataParams:
+        if self.resolution % 8:
+            raise ValueError(f"data.resolution must be a multiple of 8, got {self.resolution}")
+        return self
+
+
+class ComputeParams(Strict):
+    """Device and numerics. Changing these can change results, so training stages depend on them."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    num_threads: int | None = Field(None, gt=0)  # None: every core
+    seed: int = 0
+
+
+class TrackingParams(Strict):
+    """MLflow settings. No stage's outputs depend on them, so no DVC stage lists this section."""
+
+    uri: str | None = None  # None: sqlite:///<repo root>/mlflow.db (absolute, see STACK.md)
+    experiment: str = "reflow"
+    ui_url: str = "http://127.0.0.1:5000"  # where `reflow ui` serves MLflow; used for links in Prefect
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage sections
+# ---------------------------------------------------------------------------------------------------------
+class TrainParams(Strict):
+    """Knobs shared by every training loop."""
+
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    log_every: int = Field(25, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+
+
+class VAEParams(TrainParams):
+    """A pretrained AutoencoderKL (local path or hub id), or a small one trained on the images."""
+
+    pretrained: str | None = None
+    subfolder: str | None = None
+    scale_factor: float | None = Field(None, gt=0.0)  # None: from the pretrained config, or 1/std of latents
+    latent_channels: int = Field(4, gt=0)
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    layers_per_block: int = Field(1, gt=0)
+    norm_num_groups: int = Field(16, gt=0)
+    kl_weight: float = Field(1e-6, ge=0.0)
+    steps: int = Field(800, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self) -> VAEParams:
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"vae.block_out_channels {self.block_out_channels} must be multiples of "
+                f"vae.norm_num_groups={self.norm_num_groups} (GroupNorm)"
+            )
+        return self
+
+
+class ExtractParams(Strict):
+    batch_size: int = Field(256, gt=0)
+    posterior: Literal["mean", "sample"] = "mean"  # what of q(z|x) is stored
+
+
+class DiTParams(TrainParams):
+    """Class-conditional DiT on latents, DDPM epsilon objective (METHOD.md, `dit`)."""
+
+    patch_size: int = Field(2, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    attention_head_dim: int = Field(32, gt=0)
+    learn_sigma: bool = False  # DiT's learned variance: 2C output channels, needed for released weights
+    pretrained: str | None = None  # a diffusers DiT folder to start from (local path)
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # to the null class, for classifier-free guidance
+    num_train_timesteps: int = Field(1000, gt=1)
+    beta_start: float = Field(1e-4, gt=0.0)
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0)
+    steps: int = Field(2000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(3e-4, gt=0.0)
+
+
+class TeacherPairsParams(Strict):
+    """Deterministic DDIM from stored noise z0 to the teacher's sample z1 (METHOD.md, `teacher_pairs`)."""
+
+    num_samples: int = Field(1024, gt=0)
+    ddim_steps: int = Field(50, gt=0)
+    guidance_scale: float = Field(1.5, ge=0.0)  # 1 = no guidance; applied to every latent channel
+    batch_size: int = Field(256, gt=0)
+    shard_size: int = Field(256, gt=0)  # rows per resumable shard
+    seed: int = 1234
+    grid_samples: int = Field(64, gt=0)
+
+
+class Params(Strict):
+    """The whole of `params.yaml`."""
+
+    data: DataParams = DataParams()
+    compute: ComputeParams = ComputeParams()
+    tracking: TrackingParams = TrackingParams()
+    vae: VAEParams = VAEParams()
+    extract: ExtractParams = ExtractParams()
+    dit: DiTParams = DiTParams()
+    teacher_pairs: TeacherPairsParams = TeacherPairsParams()
+
+    def section(self, name: str) -> Strict:
+        return getattr(self, name)
+
+
+SECTIONS: tuple[str, ...] = tuple(Params.model_fields)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and error reporting
+# ---------------------------------------------------------------------------------------------------------
+class ParamsError(ValueError):
+    """`params.yaml` is unreadable or invalid; the message lists every problem with its key path."""
+
+    def __init__(self, path: Path, problems: list[str]):
+        self.path = Path(path)
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key (value {err['input']!r}); allowed keys are listed in stages/params.py"
+    value = err.get("input")
+    shown = "missing" if err["type"] == "missing" else repr(value)
+    if isinstance(value, dict) and err["type"].startswith("value_error"):
+        shown = "(section)"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: got {shown}; expected: {msg}"
+
+
+def parse_params(raw: Any, path: Path = Path("params.yaml")) -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(path, [f"<top level>: got {type(raw).__name__}; expected a mapping of sections"])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(path, [_describe(e) for e in exc.errors()]) from None
+
+
+def load_params(path: str | Path) -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ParamsError(path, [f"cannot read the file: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(path, [f"not valid YAML: {exc}"]) from None
+    return parse_params(raw, path)
+
+
+class ParamsView:
+    """The sections one stage declared; reading any other section is an error.
+
+    This is what makes the `params:` list of a stage in `dvc.yaml` trustworthy: a stage that read an
+    undeclared section would not be rerun when that section changed.
+    """
+
+    def __init__(self, params: Params, sections: Iterable[str]):
+        self._params = params
+        self._sections = tuple(sections)
+        unknown = set(self._sections) - set(SECTIONS)
+        if unknown:
+            raise KeyError(f"unknown params section(s) {sorted(unknown)}; known: {list(SECTIONS)}")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._sections:
+            raise AttributeError(
+                f"params section {name!r} is not declared by this stage (declared: {list(self._sections)}); "
+                "add it to the stage's PARAMS and to its `params:` in dvc.yaml"
+            )
+        return getattr(self._params, name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {s: self._params.section(s).model_dump(mode="json") for s in self._sections}

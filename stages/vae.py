@@ -1,0 +1,97 @@
+"""`vae`: the autoencoder whose latent space every later stage works in.
+
+Either a pretrained `AutoencoderKL` (`vae.pretrained`: local folder or a hub id already cached) or a
+small one trained here on the training images. The latent scale factor (latents * scale ~ unit
+variance) is stored in the saved config as `scaling_factor`, the one place later stages read it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from reflow.models import build_vae, images_to_unit, load_vae, unit_to_images, vae_downsampling
+from reflow.train import TrainConfig, make_accelerator, train
+from stages.common import StageContext, StageSpec, stage_main
+from storage.checkpoints import save_model
+from storage.datasets import open_dataset
+from storage.resume import FileResume
+
+SPEC = StageSpec(
+    name="vae",
+    params=("compute", "vae"),
+    deps={"data": "artifacts/prepare"},
+    outs={"model": "artifacts/vae"},
+    metrics="metrics/vae.json",
+)
+
+
+class VAEObjective:
+    """Reconstruction MSE in [-1, 1] plus a small KL to keep the latent space smooth."""
+
+    def __init__(self, kl_weight: float):
+        self.kl_weight = kl_weight
+
+    def __call__(self, model, batch, generator):
+        x = images_to_unit(batch["images"])
+        posterior = model.encode(x).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator, device=x.device)
+        z = posterior.mean + posterior.std * noise
+        recon = model.decode(z).sample
+        return (recon.float() - x).pow(2).mean() + self.kl_weight * posterior.kl().mean()
+
+
+@torch.inference_mode()
+def latent_stats(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
+    """(std of the posterior means, reconstruction MSE in [-1, 1]) over `images`."""
+    means, sq_err = [], 0.0
+    for i in range(0, len(images), batch_size):
+        x = images_to_unit(images[i : i + batch_size].to(vae.device))
+        mean = vae.encode(x).latent_dist.mean
+        means.append(mean.float().cpu())
+        sq_err += (images_to_unit(unit_to_images(vae.decode(mean).sample)) - x).pow(2).sum().item()
+    latents = torch.cat(means)
+    return latents.std().item(), sq_err / images.numel()
+
+
+def run(ctx: StageContext) -> dict:
+    p, compute = ctx.params.vae, ctx.params.compute
+    data = ctx.dep("data")
+    train_images = torch.from_numpy(open_dataset(data / "train.zarr", kind="images").load("images"))
+    reference = torch.from_numpy(open_dataset(data / "reference.zarr", kind="images").load("images"))
+    metrics: dict[str, float] = {}
+    if p.pretrained:
+        vae = load_vae(p.pretrained, p.subfolder)
+    else:
+        vae = build_vae(latent_channels=p.latent_channels, block_out_channels=p.block_out_channels,
+                        layers_per_block=p.layers_per_block, norm_num_groups=p.norm_num_groups,
+                        seed=compute.seed)
+        accelerator = make_accelerator(compute.device, compute.mixed_precision)
+        cfg = TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                          ema_decay=p.ema_decay, grad_clip=p.grad_clip, log_every=p.log_every,
+                          checkpoint_every=p.checkpoint_every, seed=compute.seed)
+        result = train(vae, VAEObjective(p.kl_weight), {"images": train_images}, cfg, accelerator,
+                       resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="vae")
+        vae = result.ema
+        metrics["train_loss"] = result.last_loss
+    vae.eval()
+    latent_std, recon_mse = latent_stats(vae, reference)
+    scale = p.scale_factor or (vae.config.scaling_factor if p.pretrained else 1.0 / latent_std)
+    vae.register_to_config(scaling_factor=float(scale))
+    metrics |= {"reference_recon_mse": recon_mse, "reference_psnr": 10 * torch.log10(
+        torch.tensor(4.0 / max(recon_mse, 1e-12))).item(), "scale_factor": float(scale),
+        "latent_std": latent_std}
+    size = train_images.shape[-1] // vae_downsampling(vae)
+    save_model(vae.to("cpu"), ctx.out("model"), meta={
+        **ctx.attrs(), "kind": "vae", "pretrained": p.pretrained, "scale_factor": float(scale),
+        "latent_shape": [vae.config.latent_channels, size, size]})
+    return metrics
+
+
+def main() -> int:
+    return stage_main(SPEC, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""MLflow runs for stages and pipelines, with the tags that make lineage walkable.
+
+Tag scheme (every key is under `reflow.`):
+  stage, pipeline_run_id, git_commit, git_dirty, params_hash,
+  input.<dvc path> = DVC hash of that dependency, output.<dvc path> = DVC hash of that output,
+  status = executed | restored_from_run_cache | skipped_up_to_date (set by the pipeline driver).
+A `reflow run` makes one parent run; each executed stage is its child (the id travels in
+REFLOW_PARENT_RUN_ID, not MLFLOW_RUN_ID, which MLflow would silently adopt as the stage's own run).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ENV_PARENT_RUN = "REFLOW_PARENT_RUN_ID"
+ENV_PIPELINE_RUN = "REFLOW_PIPELINE_RUN_ID"
+TAG = "reflow."
+
+for _var, _value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
+    os.environ.setdefault(_var, _value)
+
+
+def tracking_uri(uri: str | None, root: Path) -> str:
+    """The configured URI, or an absolute sqlite file in the repo root (stages run in DVC's cwd)."""
+    return uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def configure(uri: str | None, experiment: str, root: Path) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(uri, root))
+    return mlflow.set_experiment(experiment).experiment_id
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def _dvc_source():
+    """An MLflow dataset source naming a DVC-tracked path and its hash (`dvc get`/`dvc pull` fetch it)."""
+    from mlflow.data.dataset_source import DatasetSource
+
+    class DVCDatasetSource(DatasetSource):
+        def __init__(self, path: str, md5: str):
+            self.path, self.md5 = path, md5
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "dvc"
+
+        def load(self) -> str:
+            return self.path
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> DatasetSource:
+            raise NotImplementedError("DVC sources are created explicitly")
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"path": self.path, "md5": self.md5}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> DatasetSource:
+            return cls(source_dict["path"], source_dict["md5"])
+
+    return DVCDatasetSource
+
+
+def _resumable(run_id: str | None) -> bool:
+    """A run left RUNNING or FAILED by a killed attempt of the same stage is continued, not duplicated."""
+    import mlflow
+
+    if not run_id:
+        return False
+    try:
+        return mlflow.get_run(run_id).info.status != "FINISHED"
+    except Exception:  # deleted run or another store: start afresh
+        return False
+
+
+@contextmanager
+def stage_run(
+    *, stage: str, scratch: Path, params: dict[str, Any], tags: dict[str, str], inputs: dict[str, str]
+) -> Iterator[Any]:
+    """The MLflow run of one stage execution, resumed if a killed attempt left one in `scratch`."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from storage.atomic import atomic_write_text
+
+    marker = scratch / "mlflow_run_id"
+    previous = marker.read_text().strip() if marker.exists() else None
+    parent = os.environ.get(ENV_PARENT_RUN) or None
+    all_tags = {f"{TAG}stage": stage, **{f"{TAG}{k}": v for k, v in tags.items()}}
+    all_tags.update({f"{TAG}input.{path}": h for path, h in inputs.items()})
+    if _resumable(previous):
+        run = mlflow.start_run(run_id=previous)
+        mlflow.set_tags(all_tags | {f"{TAG}resumed": "true"})
+    else:
+        run = mlflow.start_run(run_name=stage, parent_run_id=parent, tags=all_tags)
+        atomic_write_text(marker, run.info.run_id)
+        mlflow.log_params(flatten(params))
+        for path, digest in inputs.items():
+            source = _dvc_source()(path=path, md5=digest)
+            mlflow.log_input(MetaDataset(source=source, name=path, digest=digest[:36]))
+    try:
+        yield run
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags({f"{TAG}{k}": v for k, v in tags.items()})
+
+
+def find_stage_run(pipeline_run_id: str, stage: str) -> str | None:
+    """The newest run of `stage` in this pipeline run, or None."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`{TAG}pipeline_run_id` = '{pipeline_run_id}' and tags.`{TAG}stage` = '{stage}'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+        search_all_experiments=True)
+    return runs[0].info.run_id if runs else None
+
+
+def record_driver_run(stage: str, *, parent_run_id: str, pipeline_run_id: str, status: str,
+                      inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    """A run for a stage whose code did not execute (restored by DVC), so its lineage is still complete."""
+    import mlflow
+
+    tags = {f"{TAG}stage": stage, f"{TAG}pipeline_run_id": pipeline_run_id, f"{TAG}status": status}
+    tags |= {f"{TAG}input.{p}": h for p, h in inputs.items()}
+    tags |= {f"{TAG}output.{p}": h for p, h in outputs.items()}
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    run = client.create_run(experiment_id, run_name=stage,
+                            tags=tags | {"mlflow.parentRunId": parent_run_id})
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id
+
+
+def run_link(ui_url: str, run_id: str) -> str:
+    import mlflow
+
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

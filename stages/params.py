@@ -84,13 +84,13 @@ class VAEParams(TrainParams):
     subfolder: str | None = None
     scale_factor: float | None = Field(None, gt=0.0)  # None: from the pretrained config, or 1/std of latents
     latent_channels: int = Field(4, gt=0)
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    block_out_channels: list[int] = Field(default_factory=lambda: [16, 32, 32], min_length=1)
     layers_per_block: int = Field(1, gt=0)
-    norm_num_groups: int = Field(16, gt=0)
+    norm_num_groups: int = Field(8, gt=0)
     kl_weight: float = Field(1e-6, ge=0.0)
-    steps: int = Field(800, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(1e-3, gt=0.0)
+    steps: int = Field(400, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(2e-3, gt=0.0)
 
     @model_validator(mode="after")
     def _groups_divide_channels(self) -> VAEParams:

@@ -56,6 +56,7 @@ def run(ctx: StageContext) -> dict:
     device = "cuda" if compute.device != "cpu" and torch.cuda.is_available() else "cpu"
     meta = read_meta(ctx.dep("dit"))
     model = load_dit(ctx.dep("dit")).to(device).eval()
+    vae = load_vae(ctx.dep("vae")).to(device).eval()  # loaded up front: fail before generating, not after
     shape = tuple(meta["latent_shape"])
     attrs = {"teacher": "ddim", "ddim_steps": p.ddim_steps, "guidance_scale": p.guidance_scale,
              "base_seed": p.seed, "scale_factor": meta["scale_factor"], "num_classes": meta["num_classes"],
@@ -94,7 +95,6 @@ def run(ctx: StageContext) -> dict:
         # Labels are i mod K, so a grid K wide shows one class per column.
         n_grid = min(p.grid_samples, p.num_samples)
         z1 = torch.from_numpy(open_dataset(tmp / "pairs.zarr", kind="pairs").read("z1", 0, n_grid))
-        vae = load_vae(ctx.dep("vae")).to(device).eval()
         save_grid(decode_latents(vae, z1, meta["scale_factor"]).numpy(), tmp / "grid.png",
                   nrow=min(meta["num_classes"], 16))
     ctx.log_artifact(out / "grid.png", "samples")

@@ -1,0 +1,342 @@
+"""Every ODE integration in the project: Euler, Heun, RK45, DDIM, straightness, per-sample noise.
+
+One module, so that every stage counts network evaluations (NFE) the same honest way (METHOD.md):
+a `Field` counts its own calls, classifier-free guidance counts twice per call, Euler with N steps is N
+evaluations, Heun with N steps is 2N - 1 (EDM's Heun: the last step is plain Euler), and RK45 reports
+what the adaptive solver actually spent. Time runs from noise (`t = 0`) to data (`t = 1`).
+
+The samplers run under `torch.no_grad()`: they produce pairs, samples and metrics, never gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torchdiffeq
+from diffusers import DDIMScheduler
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------------------
+# Fields: a velocity (or epsilon) function of (x, t) that counts its evaluations
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _time_vector(t: Tensor | float, x: Tensor) -> Tensor:
+    """`t` as a float tensor of shape `[B]` on `x`'s device (at least float32, float64 kept)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    t = torch.as_tensor(t, dtype=dtype, device=x.device)
+    return t.reshape(1).repeat(x.shape[0]) if t.dim() == 0 else t
+
+
+class Field:
+    """A function `fn(x, t) -> velocity` that counts network evaluations in `nfe`.
+
+    `t` may be given as a float or a tensor; `fn` always receives a float tensor of shape `[B]`.
+    Each call adds `evals_per_call` to `nfe` (2 for classifier-free guidance, which evaluates the
+    conditional and unconditional model on one doubled batch).
+    """
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], *, evals_per_call: int = 1) -> None:
+        self.fn = fn
+        self.evals_per_call = evals_per_call
+        self.nfe = 0
+
+    def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
+        self.nfe += self.evals_per_call
+        return self.fn(x, _time_vector(t, x))
+
+
+def guided(
+    fn3: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    y: Tensor | None,
+    *,
+    null_label: int,
+    scale: float,
+) -> Field:
+    """Classifier-free guidance of `fn3(x, t, y)` (a velocity or an epsilon model) as a `Field`.
+
+    With `scale == 1` or no labels it is the plain conditional model (one evaluation per call).
+    Otherwise one batched call on `[x, x]` with labels `[y, null_label]` gives
+    `uncond + scale * (cond - uncond)`, applied to every output channel (DiT's own sampler guided only
+    3 of 4 latent channels), counted as 2 evaluations. `fn3` must return only the prediction (drop a
+    learned-variance half before guiding).
+    """
+    if y is None or scale == 1:
+        return Field(lambda x, t: fn3(x, t, y))
+    null = torch.full_like(y, null_label)
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        out = fn3(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = out.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return Field(fn, evals_per_call=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixed-grid and adaptive ODE solvers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleResult:
+    """End point `x`, evaluations spent `nfe`, and optionally the visited `(t, x)` points."""
+
+    x: Tensor
+    nfe: int
+    trajectory: list[tuple[float, Tensor]] | None = None
+
+
+def time_grid(t_start: float, t_end: float, steps: int) -> list[float]:
+    """`steps + 1` equally spaced times from `t_start` to `t_end`, both ends exact."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    grid = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64).tolist()
+    grid[0], grid[-1] = float(t_start), float(t_end)
+    return grid
+
+
+@torch.no_grad()
+def euler_on_grid(field: Field, z0: Tensor, times: Sequence[float], *, return_trajectory: bool = False) -> SampleResult:
+    """Euler steps through the given times: `x <- x + (t_next - t) * v(x, t)`, one evaluation each."""
+    nfe_before, x = field.nfe, z0
+    trajectory = [(float(times[0]), x)] if return_trajectory else None
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        x = x + (t_next - t) * field(x, t)
+        if trajectory is not None:
+            trajectory.append((float(t_next), x))
+    return SampleResult(x, field.nfe - nfe_before, trajectory)
+
+
+def euler(
+    field: Field,
+    z0: Tensor,
+    steps: int,
+    *,
+    t_start: float = 0.0,
+    t_end: float = 1.0,
+    return_trajectory: bool = False,
+) -> SampleResult:
+    """Euler with `steps` equal steps from `t_start` to `t_end`: `steps` evaluations."""
+    times = time_grid(t_start, t_end, steps)
+    return euler_on_grid(field, z0, times, return_trajectory=return_trajectory)
+
+
+@torch.no_grad()
+def heun(
+    field: Field,
+    z0: Tensor,
+    steps: int,
+    *,
+    t_start: float = 0.0,
+    t_end: float = 1.0,
+    return_trajectory: bool = False,
+) -> SampleResult:
+    """Heun's second-order method as in EDM: `2 * steps - 1` evaluations.
+
+    Every step but the last averages the slopes at both ends (trapezoid); the last step is Euler, as in
+    EDM's sampler, so the NFE matches the count the literature reports. Exact for velocities linear in
+    `t` on all but the last step; second order overall.
+    """
+    times = time_grid(t_start, t_end, steps)
+    nfe_before, x = field.nfe, z0
+    trajectory = [(times[0], x)] if return_trajectory else None
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
+        h = t_next - t
+        d = field(x, t)
+        x_euler = x + h * d
+        x = x_euler if i == steps - 1 else x + 0.5 * h * (d + field(x_euler, t_next))
+        if trajectory is not None:
+            trajectory.append((t_next, x))
+    return SampleResult(x, field.nfe - nfe_before, trajectory)
+
+
+@torch.no_grad()
+def rk45(
+    field: Field,
+    z0: Tensor,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    t_start: float = 0.0,
+    t_end: float = 1.0,
+    return_trajectory: bool = False,
+) -> SampleResult:
+    """Adaptive Dormand-Prince RK45 (torchdiffeq `dopri5`) with the stated tolerances.
+
+    NFE is whatever the solver spent, read from the field's counter. The trajectory, if asked for,
+    holds only the two end points (the solver's internal steps are not exposed).
+    """
+    nfe_before = field.nfe
+    t_span = torch.tensor([t_start, t_end], dtype=torch.promote_types(z0.dtype, torch.float32), device=z0.device)
+    x = torchdiffeq.odeint(lambda t, x: field(x, t), z0, t_span, rtol=rtol, atol=atol, method="dopri5")[-1]
+    trajectory = [(float(t_start), z0), (float(t_end), x)] if return_trajectory else None
+    return SampleResult(x, field.nfe - nfe_before, trajectory)
+
+
+def solve(
+    field: Field,
+    z0: Tensor,
+    *,
+    solver: Literal["euler", "heun", "rk45"],
+    steps: int | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    t_start: float = 0.0,
+    t_end: float = 1.0,
+    return_trajectory: bool = False,
+) -> SampleResult:
+    """Integrate `field` from `z0` at `t_start` to `t_end` with the named solver.
+
+    `steps` is required for `euler` and `heun` and ignored by `rk45` (which uses `rtol`, `atol`).
+    """
+    span = {"t_start": t_start, "t_end": t_end, "return_trajectory": return_trajectory}
+    if solver == "rk45":
+        return rk45(field, z0, rtol=rtol, atol=atol, **span)
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"unknown solver {solver!r}; expected 'euler', 'heun' or 'rk45'")
+    if steps is None or steps < 1:
+        raise ValueError(f"solver {solver!r} needs steps >= 1, got {steps}")
+    return (euler if solver == "euler" else heun)(field, z0, steps, **span)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDIM for the epsilon-prediction teacher
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ddim_scheduler(
+    steps: int,
+    *,
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+) -> DDIMScheduler:
+    """diffusers' DDIM scheduler with the settings METHOD.md fixes for latents, timesteps set.
+
+    `timestep_spacing="trailing"` starts at t = 999 (pure noise; "leading" starts at 981 and never sees
+    the noise level `z0` has). `clip_sample=False`: latents are not in [-1, 1].
+    `set_alpha_to_one=True`: with trailing spacing the last step goes from t = T/N - 1 to t = -1, which
+    is the clean data (alpha_bar = 1); `False` would stop at alpha_bar_0 = 1 - beta_0 and leave
+    `sqrt(beta_0)` of predicted noise in every teacher sample. ("False" is right only for leading
+    spacing with an offset, whose last step lands on t = 0 anyway.)
+    """
+    scheduler = DDIMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        timestep_spacing="trailing",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        prediction_type="epsilon",
+    )
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@torch.no_grad()
+def ddim(
+    eps_field: Field,
+    z0: Tensor,
+    *,
+    steps: int,
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+) -> SampleResult:
+    """Deterministic DDIM (eta = 0) from noise `z0 = x_T` to a clean sample, `steps` evaluations.
+
+    `eps_field(x, timesteps)` gets the scheduler's integer timesteps (0..999) as a float tensor `[B]`.
+    The schedule (timesteps, alpha_bar) is diffusers' `DDIMScheduler`; the update is DDIM's eq. (12)
+    written here because `DDIMScheduler.step` computes the previous timestep as
+    `t - num_train_timesteps // steps`, which disagrees with trailing spacing whenever `steps` does not
+    divide `num_train_timesteps` (e.g. 16 steps: the last step would end at t = 0, not at the data).
+    Here the previous timestep is the next entry of the schedule, and -1 (alpha_bar = 1) after the last.
+    """
+    scheduler = ddim_scheduler(
+        steps,
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        beta_start=beta_start,
+        beta_end=beta_end,
+    )
+    alpha_bar = scheduler.alphas_cumprod.to(torch.float64)
+    timesteps = scheduler.timesteps.tolist()
+    nfe_before, x = eps_field.nfe, z0
+    for i, t in enumerate(timesteps):
+        a_t = alpha_bar[t].item()
+        a_prev = alpha_bar[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
+        eps = eps_field(x, float(t))
+        x0_pred = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        x = a_prev**0.5 * x0_pred + (1 - a_prev) ** 0.5 * eps
+    return SampleResult(x, eps_field.nfe - nfe_before)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Straightness
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def straightness(field: Field, z0: Tensor, *, steps: int) -> Tensor:
+    """Per-sample straightness `E ∫ ||(X1 - X0) - v(X_t, t)||^2 dt` along the field's own path, `[B]`.
+
+    The path is Euler with `steps` equal steps from 0 to 1; the integral is the mean over the grid
+    points `t_k` of `||(X1 - X0) - v(X_{t_k}, t_k)||^2`, averaged over dimensions. It is 0 exactly when
+    the velocity is constant along the path (a straight line travelled at constant speed).
+    """
+    times = time_grid(0.0, 1.0, steps)
+    x, velocities = z0, []
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        v = field(x, t)
+        velocities.append(v)
+        x = x + (t_next - t) * v
+    displacement = x - z0
+    errors = [(displacement - v).pow(2).flatten(1).mean(dim=1) for v in velocities]
+    return torch.stack(errors).mean(dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-sample seeds and noise
+# ---------------------------------------------------------------------------------------------------------
+
+_MASK63 = (1 << 63) - 1
+_GAMMA = 0x9E3779B97F4A7C15 & _MASK63  # SplitMix64's odd increment (golden ratio), on 63 bits
+
+
+def _mix63(z: int) -> int:
+    """SplitMix64's finaliser on 63 bits: a bijection of [0, 2^63) (xor-shifts, odd multipliers)."""
+    z &= _MASK63
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK63
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK63
+    return z ^ (z >> 31)
+
+
+def sample_seeds(base_seed: int, start: int, stop: int) -> list[int]:
+    """Seeds of samples `start .. stop - 1`: a SplitMix stream on 63 bits keyed by `base_seed`.
+
+    `seed_i = mix(mix(base_seed) + (i + 1) * GAMMA mod 2^63)` with `mix` SplitMix64's finaliser. Stable
+    (pure integer arithmetic, no RNG state), distinct for every index of one base seed (`GAMMA` is odd
+    and `mix` a bijection), unrelated across base seeds, and in [0, 2^63) so they fit an int64 column.
+    """
+    key = _mix63(base_seed)
+    return [_mix63(key + (i + 1) * _GAMMA) for i in range(start, stop)]
+
+
+def per_sample_noise(
+    seeds: Sequence[int] | Tensor, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Standard Gaussian noise `[len(seeds), *shape]` on the CPU, row `i` from its own generator.
+
+    Row `i` depends only on `seeds[i]`, so any shard or batch size regenerates it bit for bit (EDM's
+    per-sample seeding). Move it to the device afterwards.
+    """
+    seeds = seeds.tolist() if isinstance(seeds, Tensor) else list(seeds)
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
+    return torch.stack(rows) if rows else torch.empty((0, *shape), dtype=dtype)

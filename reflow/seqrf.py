@@ -1,0 +1,126 @@
+"""Sequential Rectified Flow: split [0, 1] into K segments and straighten each one separately.
+
+Time runs from noise (`t = 0`) to data (`t = 1`), as everywhere in this project (SeqRF's own code runs
+the other way). Boundaries are `t_0 = 0 < t_1 < ... < t_K = 1`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import overload
+
+import torch
+from torch import Tensor
+
+from reflow.flow import interpolate
+from reflow.samplers import Field, SampleResult, euler_on_grid, time_grid
+
+
+def uniform_boundaries(k: int) -> list[float]:
+    """`k + 1` equally spaced boundaries `[0, 1/k, ..., 1]`."""
+    if k < 1:
+        raise ValueError(f"need at least one segment, got k={k}")
+    return [i / k for i in range(k + 1)]
+
+
+def _segment_costs(trajectory_x: Tensor, times: Tensor) -> Tensor:
+    """`cost[i, j]` = straightness error of the segment from grid point `i` to `j` (`i < j`), else inf.
+
+    The error is `sum_{m=i..j} mean ||x_m - chord_{ij}(t_m)||^2` (mean over batch and dimensions), with
+    `chord_{ij}(t) = x_i + (t - t_i) / (t_j - t_i) * (x_j - x_i)`. Expanding the square, everything is a
+    function of the Gram matrix `G[p, q] = mean(x_p * x_q)`, computed once in float64.
+    """
+    n = trajectory_x.shape[0]
+    flat = trajectory_x.reshape(n, -1).to(torch.float64)
+    gram = flat @ flat.T / flat.shape[1]
+    t = times.to(torch.float64)
+    cost = torch.full((n, n), float("inf"), dtype=torch.float64)
+    diag = gram.diagonal()
+    for i in range(n - 1):
+        # Rows are segment ends j > i, columns are grid points m; a = x_m - x_i, b = x_j - x_i.
+        j, m = torch.arange(i + 1, n), torch.arange(n)
+        s = (t[None, :] - t[i]) / (t[j] - t[i])[:, None]  # position of t_m along the chord
+        inside = (m[None, :] >= i) & (m[None, :] <= j[:, None])
+        a_sq = diag + diag[i] - 2 * gram[i]
+        a_dot_b = gram[j] - gram[i][None, :] - gram[i, j][:, None] + gram[i, i]
+        b_sq = diag[j] + diag[i] - 2 * gram[i, j]
+        err = a_sq[None, :] - 2 * s * a_dot_b + s * s * b_sq[:, None]
+        cost[i, j] = torch.where(inside, err.clamp_min(0), 0).sum(dim=1)
+    return cost
+
+
+def adaptive_boundaries(trajectory_x: Tensor, times: Tensor, k: int) -> list[float]:
+    """K segment boundaries, chosen among `times`, that minimise the summed straightness error.
+
+    `trajectory_x` is a fine trajectory `[T + 1, B, ...]` at `times` `[T + 1]` (increasing, from 0 to 1).
+    A segment's error is `sum_{m=i..j} mean ||x_m - chord_{ij}(t_m)||^2` over the grid points inside it
+    (`chord_{ij}` is the straight line from `x_i` at `t_i` to `x_j` at `t_j`; mean over batch and
+    dimensions): zero exactly when the trajectory is a straight line travelled at constant speed inside
+    the segment, which is what one Euler step per segment integrates exactly. An exact dynamic program
+    picks the K segments with the least total error, O(K T^2).
+    """
+    n = trajectory_x.shape[0]
+    if times.shape != (n,):
+        raise ValueError(f"times must have shape [{n}], got {tuple(times.shape)}")
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"k must be in [1, {n - 1}] for a trajectory of {n} points, got {k}")
+    cost = _segment_costs(trajectory_x, times)
+    # best[s, j]: least error covering grid points 0..j with s segments; parent[s, j]: previous boundary.
+    best = torch.full((k + 1, n), float("inf"), dtype=torch.float64)
+    parent = torch.zeros((k + 1, n), dtype=torch.long)
+    best[0, 0] = 0.0
+    for s in range(1, k + 1):
+        totals = best[s - 1][:, None] + cost  # [i, j]
+        best[s], parent[s] = totals.min(dim=0)
+    indices = [n - 1]
+    for s in range(k, 0, -1):
+        indices.append(int(parent[s, indices[-1]]))
+    return [float(times[i]) for i in reversed(indices)]
+
+
+@overload
+def segment_of(t: float, boundaries: Sequence[float]) -> int: ...
+@overload
+def segment_of(t: Tensor, boundaries: Sequence[float]) -> Tensor: ...
+def segment_of(t: Tensor | float, boundaries: Sequence[float]) -> Tensor | int:
+    """Index `i` of the segment `[t_i, t_{i+1})` holding `t`; `t = 1` belongs to the last segment.
+
+    A tensor `t` is compared with the boundaries rounded to its own dtype, so a float32 time made
+    from a boundary (0.7 -> 0.69999999) still falls in the segment that starts there.
+    """
+    inner = list(boundaries[1:-1])
+    if isinstance(t, Tensor):
+        dtype = t.dtype if t.dtype.is_floating_point else torch.float64
+        return torch.bucketize(t.to(dtype).contiguous(), torch.tensor(inner, dtype=dtype, device=t.device), right=True)
+    return int(torch.bucketize(torch.tensor(float(t), dtype=torch.float64), torch.tensor(inner), right=True))
+
+
+def segment_train_example(
+    x_ti: Tensor, x_tj: Tensor, t_i: Tensor | float, t_j: Tensor | float, u: Tensor | float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One SeqRF regression example inside the segment `[t_i, t_j]`, at fraction `u` of it.
+
+    Returns `x_u = (1 - u) x_ti + u x_tj`, the absolute time `t_i + u (t_j - t_i)` the network sees,
+    and the target velocity `(x_tj - x_ti) / (t_j - t_i)` (the segment's chord, in absolute time).
+    """
+    time_dtype = torch.promote_types(x_ti.dtype, torch.float32)  # times stay at least float32
+    t_i, t_j, u = (torch.as_tensor(v, dtype=time_dtype, device=x_ti.device) for v in (t_i, t_j, u))
+    width = (t_j - t_i).to(x_ti.dtype)
+    if width.dim() > 0:
+        width = width.reshape(-1, *([1] * (x_ti.dim() - 1)))
+    return interpolate(x_ti, x_tj, u), t_i + u * (t_j - t_i), (x_tj - x_ti) / width
+
+
+def seqrf_sample(
+    field: Field,
+    z0: Tensor,
+    boundaries: Sequence[float],
+    *,
+    steps_per_segment: int = 1,
+    return_trajectory: bool = False,
+) -> SampleResult:
+    """Euler through each segment with `steps_per_segment` equal steps: K * steps_per_segment evals."""
+    times = [float(boundaries[0])]
+    for t_i, t_j in zip(boundaries[:-1], boundaries[1:], strict=True):
+        times += time_grid(t_i, t_j, steps_per_segment)[1:]
+    return euler_on_grid(field, z0, times, return_trajectory=return_trajectory)

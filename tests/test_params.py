@@ -1,0 +1,116 @@
+"""Strict params: the embedded defaults validate, and every kind of mistake is named by its key path."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import SECTIONS, Params, ParamsError, ParamsView, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def raw_defaults() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_params_yaml_and_presets_validate():
+    load_params(ROOT / "params.yaml")
+    for preset in sorted((ROOT / "presets").glob("*.yaml")):
+        load_params(preset)
+
+
+def test_params_yaml_spells_out_every_key_of_every_section():
+    """params.yaml is the documentation of the knobs: nothing may hide behind a default."""
+    raw = raw_defaults()
+    assert set(raw) == set(SECTIONS)
+    for name, model in Params.model_fields.items():
+        assert set(raw[name]) == set(model.annotation.model_fields), name
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("dit", "steps", -5, "greater than 0"),
+        ("dit", "steps", "many", "valid integer"),
+        ("teacher_pairs", "ddim_steps", 0, "greater than 0"),
+        ("teacher_pairs", "guidance_scale", -1.0, "greater than or equal to 0"),
+        ("data", "source", "imagenet", "'digits', 'imagefolder' or 'npz'"),
+        ("data", "resolution", 30, "multiple of 8"),
+        ("compute", "mixed_precision", "fp8", "'no', 'bf16' or 'fp16'"),
+        ("vae", "ema_decay", 1.0, "less than 1"),
+    ],
+)
+def test_bad_value_is_reported_with_key_path_value_and_expectation(section, key, value, expected):
+    raw = raw_defaults()
+    raw[section][key] = value
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    text = str(err.value)
+    assert f"{section}." in text and expected in text
+    assert repr(value) in text or "(section)" in text
+
+
+def test_unknown_key_and_section_are_errors():
+    raw = raw_defaults()
+    raw["dit"]["stepz"] = 10
+    raw["dtt"] = {"steps": 1}
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert len(err.value.problems) == 2
+    text = str(err.value)
+    assert "dit.stepz: unknown key" in text and "dtt: unknown key" in text
+
+
+def test_every_problem_is_listed_at_once():
+    raw = raw_defaults()
+    raw["dit"]["lr"] = 0
+    raw["vae"]["steps"] = 0
+    raw["extract"]["posterior"] = "median"
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert len(err.value.problems) == 3
+
+
+def test_vae_group_norm_cross_check():
+    raw = raw_defaults()
+    raw["vae"]["block_out_channels"] = [24, 64]
+    with pytest.raises(ParamsError, match="multiples of vae.norm_num_groups"):
+        parse_params(raw)
+
+
+def test_unreadable_files_name_the_path(tmp_path):
+    with pytest.raises(ParamsError, match="cannot read"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dit: [unclosed\n")
+    with pytest.raises(ParamsError, match=str(bad)):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(bad)
+
+
+def test_view_refuses_undeclared_sections():
+    view = ParamsView(load_params(ROOT / "params.yaml"), ["compute", "dit"])
+    assert view.dit.steps > 0
+    with pytest.raises(AttributeError, match="not declared by this stage"):
+        _ = view.vae
+    assert set(view.as_dict()) == {"compute", "dit"}
+
+
+def test_cli_validate_prints_ok_or_every_error(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(ROOT / "params.yaml")],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    raw = raw_defaults()
+    raw["dit"]["steps"] = -1
+    raw["teacher_pairs"]["bogus"] = 1
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(bad)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 1
+    assert "dit.steps: got -1" in res.stderr and "teacher_pairs.bogus: unknown key" in res.stderr

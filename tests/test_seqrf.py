@@ -1,0 +1,126 @@
+"""Sequential rectified flow: boundaries, the adaptive dynamic program, segment targets, sampling."""
+
+import itertools
+
+import pytest
+import torch
+
+from reflow.samplers import Field
+from reflow.seqrf import (
+    adaptive_boundaries,
+    segment_of,
+    segment_train_example,
+    seqrf_sample,
+    uniform_boundaries,
+)
+
+KINKS = [0.0, 0.3, 0.7, 1.0]
+
+
+def _knot_points(seed: int = 0) -> torch.Tensor:
+    """Positions `[len(KINKS), B, C, H]` of a piecewise-linear path at its kinks."""
+    return torch.randn(len(KINKS), 6, 2, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def _piecewise_linear(points: torch.Tensor, t: float) -> torch.Tensor:
+    i = segment_of(t, KINKS)
+    u = (t - KINKS[i]) / (KINKS[i + 1] - KINKS[i])
+    return (1 - u) * points[i] + u * points[i + 1]
+
+
+def test_uniform_boundaries() -> None:
+    assert uniform_boundaries(1) == [0.0, 1.0]
+    assert uniform_boundaries(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(ValueError):
+        uniform_boundaries(0)
+
+
+def test_segment_of_uses_half_open_segments_and_closes_the_last() -> None:
+    assert [segment_of(t, KINKS) for t in (0.0, 0.29, 0.3, 0.69, 0.7, 1.0)] == [0, 0, 1, 1, 2, 2]
+    t = torch.tensor([0.0, 0.3, 0.5, 0.99, 1.0])
+    assert segment_of(t, KINKS).tolist() == [0, 1, 1, 2, 2]
+    assert segment_of(t, [0.0, 1.0]).tolist() == [0] * 5
+
+
+def test_segment_train_example_times_points_and_targets() -> None:
+    g = torch.Generator().manual_seed(0)
+    x_ti, x_tj = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 4, generator=g)
+    t_i, t_j = torch.tensor([0.0, 0.25, 0.5]), torch.tensor([0.25, 0.5, 1.0])
+    u = torch.tensor([0.0, 0.5, 1.0])
+    x_u, abs_t, target = segment_train_example(x_ti, x_tj, t_i, t_j, u)
+    torch.testing.assert_close(abs_t, torch.tensor([0.0, 0.375, 1.0]))
+    torch.testing.assert_close(x_u[0], x_ti[0])
+    torch.testing.assert_close(x_u[1], 0.5 * (x_ti[1] + x_tj[1]))
+    torch.testing.assert_close(x_u[2], x_tj[2])
+    widths = (t_j - t_i).view(3, 1, 1)
+    torch.testing.assert_close(target, (x_tj - x_ti) / widths)
+    # Following the target from x_ti for the segment's width lands on x_tj: the chord in absolute time.
+    torch.testing.assert_close(x_ti + widths * target, x_tj)
+    # Scalar times broadcast too.
+    _, abs_t, target = segment_train_example(x_ti, x_tj, 0.5, 0.75, 0.5)
+    assert abs_t.item() == 0.625
+    torch.testing.assert_close(target, 4 * (x_tj - x_ti))
+
+
+def test_adaptive_boundaries_recover_the_kinks_of_a_piecewise_linear_path() -> None:
+    points = _knot_points()
+    times = torch.linspace(0, 1, 21, dtype=torch.float64)
+    trajectory = torch.stack([_piecewise_linear(points, t) for t in times.tolist()])
+    found = adaptive_boundaries(trajectory, times, 3)
+    assert found == pytest.approx(KINKS, abs=1e-9)
+    assert adaptive_boundaries(trajectory, times, 1) == [0.0, 1.0]
+    with pytest.raises(ValueError):
+        adaptive_boundaries(trajectory, times, 21)
+
+
+def _segment_error(trajectory: torch.Tensor, times: torch.Tensor, i: int, j: int) -> float:
+    """The documented error, computed directly: sum over m in [i, j] of mean ||x_m - chord(t_m)||^2."""
+    s = ((times[i : j + 1] - times[i]) / (times[j] - times[i])).view(-1, 1, 1)
+    chord = trajectory[i] + s * (trajectory[j] - trajectory[i])
+    return (trajectory[i : j + 1] - chord).pow(2).flatten(1).mean(dim=1).sum().item()
+
+
+def test_adaptive_boundaries_are_the_exhaustive_optimum_on_a_random_path() -> None:
+    g = torch.Generator().manual_seed(2)
+    times = torch.cat([torch.zeros(1), torch.rand(13, generator=g).sort().values, torch.ones(1)]).double()
+    trajectory = torch.randn(15, 4, 3, generator=g, dtype=torch.float64).cumsum(dim=0)
+    index = {t: i for i, t in enumerate(times.tolist())}
+    for k in (2, 3):
+        found = [index[t] for t in adaptive_boundaries(trajectory, times, k)]
+        cost = sum(_segment_error(trajectory, times, a, b) for a, b in zip(found[:-1], found[1:], strict=True))
+        splits = itertools.combinations(range(1, 14), k - 1)
+        best = min(
+            sum(_segment_error(trajectory, times, a, b) for a, b in itertools.pairwise([0, *cut, 14])) for cut in splits
+        )
+        assert found[0] == 0 and found[-1] == 14
+        assert cost == pytest.approx(best, rel=1e-9)
+
+
+def test_adaptive_boundaries_follow_curvature_not_the_uniform_grid() -> None:
+    # x(t) = t^4 bends near t = 1: the chosen boundaries crowd there.
+    times = torch.linspace(0, 1, 41)
+    trajectory = (times**4).view(41, 1, 1).expand(41, 2, 3).contiguous()
+    found = adaptive_boundaries(trajectory, times, 4)
+    assert found[0] == 0.0 and found[-1] == 1.0 and found == sorted(found)
+    gaps = [b - a for a, b in zip(found[:-1], found[1:], strict=True)]
+    assert gaps[-1] < 0.25 < gaps[0]
+
+
+def test_seqrf_sample_lands_on_the_end_point_with_one_evaluation_per_segment() -> None:
+    points = _knot_points(1)
+    chords = [(points[i + 1] - points[i]) / (KINKS[i + 1] - KINKS[i]) for i in range(3)]
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([chords[i][b] for b, i in enumerate(segment_of(t, KINKS).tolist())])
+
+    field = Field(velocity)
+    result = seqrf_sample(field, points[0], KINKS, return_trajectory=True)
+    torch.testing.assert_close(result.x, points[-1])
+    assert result.nfe == 3 == field.nfe
+    assert result.trajectory is not None
+    assert [t for t, _ in result.trajectory] == KINKS
+    for (_, x), expected in zip(result.trajectory, points, strict=True):
+        torch.testing.assert_close(x, expected)
+    finer = seqrf_sample(Field(velocity), points[0], KINKS, steps_per_segment=4)
+    torch.testing.assert_close(finer.x, points[-1])
+    assert finer.nfe == 12

@@ -24,7 +24,7 @@ def stage_graph(root: Path) -> dict[str, list[str]]:
     from dvc.repo import Repo
 
     graph = Repo(str(root)).index.graph  # edges point from a stage to the stages it depends on
-    return {s.addressing: sorted(d.addressing for d in graph.successors(s)) for s in graph.nodes}
+    return {s.name: sorted(d.name for d in graph.successors(s)) for s in graph.nodes}
 
 
 def execution_order(graph: dict[str, list[str]], targets: list[str] | None = None) -> list[str]:

@@ -17,7 +17,7 @@ from storage.datasets import write_dataset
 SPEC = StageSpec(
     name="prepare",
     params=("data",),
-    deps={"source": "${data.path}"},
+    deps={"validated": "artifacts/validate", "source": "${data.path}"},
     outs={"data": "artifacts/prepare"},
     metrics="metrics/prepare.json",
 )

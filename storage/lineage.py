@@ -38,7 +38,7 @@ def _stage(root: Path, name: str):
 
     repo = Repo(str(root))
     for stage in repo.index.stages:
-        if stage.addressing == name:
+        if stage.name == name:
             return stage
     raise KeyError(f"{root / 'dvc.yaml'}: no stage named {name!r}")
 

@@ -27,8 +27,8 @@ def test_stage_module_matches_dvc_yaml(stage):
     assert entry["cmd"] == f"python -m stages.{stage}"
     spec = importlib.import_module(f"stages.{stage}").SPEC
     assert spec.name == stage
-    assert sorted(entry["params"]) == sorted(spec.params), "params sections differ"
-    assert "tracking" not in entry["params"], "tracking changes no output and must not trigger reruns"
+    assert sorted(entry.get("params", [])) == sorted(spec.params), "params sections differ"
+    assert "tracking" not in entry.get("params", []), "tracking changes no output and must not trigger reruns"
     data_deps = [d for d in entry["deps"] if not d.endswith(".py")]
     assert sorted(data_deps) == sorted(spec.deps.values())
     assert sorted(entry["outs"]) == sorted(spec.outs.values())
@@ -44,7 +44,7 @@ def test_code_deps_exist_and_include_the_stage_module(stage):
 
 
 def test_every_params_section_is_used_by_some_stage_or_is_tracking():
-    used = {s for e in DVC.values() for s in e["params"]}
+    used = {s for e in DVC.values() for s in e.get("params", [])}
     assert used | {"tracking"} == set(SECTIONS)
 
 
@@ -56,3 +56,20 @@ def test_outputs_are_produced_once_and_consumed_after():
         for dep in entry["deps"]:
             if dep in producers:
                 assert order.index(producers[dep]) < order.index(stage)
+
+
+def test_validate_runs_before_every_other_stage():
+    """Every stage has `validate` as an ancestor, so DVC runs it first and a bad params file stops the run."""
+    producers = {o: s for s, e in DVC.items() for o in e["outs"]}
+    parents = {s: {producers[d] for d in e["deps"] if d in producers} for s, e in DVC.items()}
+
+    def ancestors(stage):
+        found = set()
+        for p in parents[stage]:
+            found |= {p} | ancestors(p)
+        return found
+
+    assert "params.yaml" in DVC["validate"]["deps"]
+    for stage in DVC:
+        if stage != "validate":
+            assert "validate" in ancestors(stage), stage

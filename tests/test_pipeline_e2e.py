@@ -1,0 +1,182 @@
+"""End to end with the real DVC, Prefect, MLflow and zarr on the tiny preset, in a temporary repo.
+
+One module-scoped repo is taken through the life of a project: `dvc repro` from scratch, the Prefect
+flow finding everything up to date, a params change that reruns exactly one stage under a pipeline
+run, a bad params file that touches nothing, and a generation stage killed mid-way and resumed.
+"""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from storage.datasets import open_dataset
+
+pytestmark = pytest.mark.e2e
+STAGES = ["prepare", "vae", "extract", "dit", "teacher_pairs"]  # with an MLflow run; `validate` runs first
+
+
+def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+
+
+def mlflow_runs(root: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("reflow")
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def edit_params(root: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, pipeline_repo):
+    root = pipeline_repo(tmp_path_factory.mktemp("pipeline"))
+    res = dvc(root, "repro")
+    assert res.returncode == 0, res.stdout + res.stderr
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in res.stdout
+    return root
+
+
+def test_dvc_repro_produces_every_artifact(repo):
+    images = open_dataset(repo / "artifacts/prepare/train.zarr", kind="images", verify=True)
+    assert images["images"].dtype == np.uint8 and images.attrs["producer"] == "prepare"
+    latents = open_dataset(repo / "artifacts/extract/latents.zarr", kind="latents", verify=True)
+    assert latents.n_rows == images.n_rows and latents.attrs["scale_factor"] > 0
+    pairs = open_dataset(repo / "artifacts/teacher_pairs/pairs.zarr", kind="pairs", verify=True)
+    assert set(pairs.names) == {"z0", "z1", "label", "seed"} and pairs.n_rows == 48
+    assert len(set(pairs.load("seed").tolist())) == 48
+    assert (repo / "artifacts/teacher_pairs/grid.png").stat().st_size > 0
+    assert (repo / "artifacts/dit/config.json").is_file()
+    assert not list((repo / ".reflow" / "scratch").iterdir()), "scratch is cleared after success"
+    status = dvc(repo, "status")
+    assert "up to date" in status.stdout
+
+
+def test_mlflow_lineage_joins_up_through_dvc_hashes(repo):
+    from storage.lineage import lock_entries
+
+    runs = {r.data.tags["reflow.stage"]: r for r in mlflow_runs(repo) if "reflow.stage" in r.data.tags}
+    assert sorted(runs) == sorted(STAGES)
+    lock = lock_entries(repo)
+    producers = {path: stage for stage, e in lock.items() for path in e["outs"]}
+    for stage, run in runs.items():
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert "mlflow.parentRunId" not in tags, "plain dvc repro makes top-level runs"
+        assert len(tags["reflow.git_commit"]) == 40 and tags["reflow.git_dirty"] in ("true", "false")
+        inputs = {k.removeprefix("reflow.input."): v for k, v in tags.items() if k.startswith("reflow.input.")}
+        outputs = {k.removeprefix("reflow.output."): v for k, v in tags.items() if k.startswith("reflow.output.")}
+        assert outputs == lock[stage]["outs"]
+        assert {p: h for p, h in inputs.items()} == {p: h for p, h in lock[stage]["deps"].items()}
+        for path, digest in inputs.items():
+            if path in producers and producers[path] != "validate":  # a marker; validate logs no run
+                producer_tags = runs[producers[path]].data.tags
+                assert producer_tags[f"reflow.output.{path}"] == digest
+        datasets = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+        assert {p: h[:36] for p, h in inputs.items()} == datasets
+    assert "loss" in runs["dit"].data.metrics and "images_per_s" in runs["dit"].data.metrics
+
+
+def test_prefect_flow_skips_everything_then_reruns_only_what_changed(repo, prefect_harness, monkeypatch):
+    from flows.pipeline import pipeline
+
+    monkeypatch.chdir(repo)
+    outcomes = pipeline(root=str(repo))
+    assert [o["stage"] for o in outcomes] == ["validate", *STAGES]
+    assert {o["status"] for o in outcomes} == {"skipped_up_to_date"}
+
+    edit_params(repo, "teacher_pairs", "seed", 99)
+    outcomes = pipeline(root=str(repo))
+    status = {o["stage"]: o["status"] for o in outcomes}
+    assert status.pop("teacher_pairs") == "executed"
+    assert status.pop("validate") == "executed"  # params.yaml changed; its constant output keeps the rest
+    assert set(status.values()) == {"skipped_up_to_date"}
+
+    runs = mlflow_runs(repo)
+    child = next(r for r in runs if r.data.tags.get("reflow.stage") == "teacher_pairs"
+                 and "mlflow.parentRunId" in r.data.tags)
+    parent = next(r for r in runs if r.info.run_id == child.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["reflow.kind"] == "pipeline"
+    assert child.data.tags["reflow.pipeline_run_id"] == parent.data.tags["reflow.pipeline_run_id"]
+    assert parent.data.tags["reflow.executed"] == "validate,teacher_pairs"
+    pairs = open_dataset(repo / "artifacts/teacher_pairs/pairs.zarr", kind="pairs")
+    assert pairs.attrs["base_seed"] == 99
+
+
+def test_bad_params_touch_no_output(repo):
+    before = {s: tree_digest(repo / "artifacts" / s) for s in STAGES}
+    lock_before = (repo / "dvc.lock").read_text()
+    metrics_before = {p.name: p.read_bytes() for p in (repo / "metrics").iterdir()}
+    original = (repo / "params.yaml").read_text()
+    try:
+        edit_params(repo, "dit", "steps", -3)
+        edit_params(repo, "data", "resolution", 30)
+        res = dvc(repo, "repro")
+        assert res.returncode != 0
+        err = res.stdout + res.stderr
+        assert "dit.steps: got -3" in err and "data.resolution" in err
+        assert "no output was touched" in err
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert {s: tree_digest(repo / "artifacts" / s) for s in STAGES} == before
+    assert (repo / "dvc.lock").read_text() == lock_before
+    assert {p.name: p.read_bytes() for p in (repo / "metrics").iterdir()} == metrics_before
+
+
+def test_teacher_pairs_killed_mid_way_resume_to_identical_pairs(repo):
+    edit_params(repo, "teacher_pairs", "ddim_steps", 100)  # slow enough to be killed between shards
+    edit_params(repo, "teacher_pairs", "num_samples", 80)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "stages.teacher_pairs"]
+    out = repo / "artifacts/teacher_pairs/pairs.zarr"
+
+    assert subprocess.run(cmd, cwd=repo, env=env, capture_output=True).returncode == 0
+    reference = open_dataset(out, kind="pairs")
+    expected = {k: reference.load(k) for k in reference.names}
+
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    scratch = repo / ".reflow" / "scratch"
+    deadline = time.monotonic() + 120
+    killed = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        progress = list(scratch.glob("teacher_pairs-*/pairs.zarr/progress.json"))
+        if progress and yaml.safe_load(progress[0].read_text() or "{}").get("done"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed, "the stage finished before it could be interrupted"
+    # Run outside DVC the old output stays until the new one replaces it whole: never half-written.
+    assert open_dataset(out, kind="pairs", verify=True).n_rows == 80
+
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    metrics = yaml.safe_load((repo / "metrics/teacher_pairs.json").read_text())
+    assert 0 < metrics["generated_this_run"] < 80, "resumed at the first unfinished shard"
+    resumed = open_dataset(out, kind="pairs", verify=True)
+    for name, array in expected.items():
+        assert np.array_equal(resumed.load(name), array), name

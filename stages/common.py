@@ -17,28 +17,23 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from reflow.data import DataError  # noqa: E402
+from reflow.models import ModelLoadError  # noqa: E402
+from reflow.train import NonFiniteLossError  # noqa: E402
 from stages.params import ParamsError, ParamsView, load_params  # noqa: E402
+from stages.spec import StageSpec  # noqa: E402
 from storage import lineage, tracking  # noqa: E402
 from storage.atomic import atomic_write_json  # noqa: E402
+from storage.checkpoints import CheckpointError  # noqa: E402
+from storage.datasets import DatasetError  # noqa: E402
 from storage.hashing import params_hash  # noqa: E402
 from storage.scratch import clear_scratch, scratch_dir  # noqa: E402
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """A stage as `dvc.yaml` sees it. Paths are relative to the repo root."""
-
-    name: str
-    params: tuple[str, ...]
-    deps: dict[str, str] = field(default_factory=dict)  # role -> path
-    outs: dict[str, str] = field(default_factory=dict)  # role -> path
-    metrics: str | None = None
 
 
 @dataclass
@@ -74,6 +69,10 @@ class StageContext:
 
 class StageError(RuntimeError):
     """A failure with a message meant for the user (no traceback needed)."""
+
+
+# Failures whose message says what is wrong and where: shown without a traceback (REFLOW_DEBUG=1 adds it).
+USER_ERRORS = (StageError, DataError, DatasetError, CheckpointError, ModelLoadError, NonFiniteLossError)
 
 
 def set_threads(params: ParamsView) -> None:
@@ -125,7 +124,7 @@ def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]]) -
             tracking.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
             outputs = lineage.stage_output_hashes(root, spec.name)
             tracking.set_tags({f"output.{path}": h for path, h in outputs.items()})
-    except (StageError, ValueError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: stage {spec.name!r} failed: {exc}", file=sys.stderr)
         if os.environ.get("REFLOW_DEBUG"):
             traceback.print_exc()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from stages.common import StageSpec
 from stages.params import ParamsError, load_params
+from stages.spec import StageSpec
 from storage.atomic import atomic_dir, atomic_write_json
 from storage.lineage import find_repo_root
 

@@ -145,6 +145,18 @@ def test_bad_params_touch_no_output(repo):
     assert {p.name: p.read_bytes() for p in (repo / "metrics").iterdir()} == metrics_before
 
 
+def test_reflow_run_command_on_an_up_to_date_repo(repo):
+    """The CLI a user types: ephemeral Prefect, every stage skipped, then the summary of what exists."""
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "run"], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "artifacts/teacher_pairs/" in out and "picture: artifacts/teacher_pairs/grid.png" in out
+    assert "MLflow store: sqlite:///" in out
+    assert "DVC found it up to date" in out
+
+
 def test_teacher_pairs_killed_mid_way_resume_to_identical_pairs(repo):
     edit_params(repo, "teacher_pairs", "ddim_steps", 100)  # slow enough to be killed between shards
     edit_params(repo, "teacher_pairs", "num_samples", 80)

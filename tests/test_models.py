@@ -4,8 +4,16 @@ import torch
 from diffusers.models.embeddings import LabelEmbedding, Timesteps
 
 from reflow.diffusion import DDPMObjective, drop_labels, make_ddpm_scheduler
-from reflow.models import (build_dit, build_vae, dit_epsilon, dit_velocity, images_to_unit, load_dit, null_label,
-                           unit_to_images)
+from reflow.models import (
+    build_dit,
+    build_vae,
+    dit_epsilon,
+    dit_velocity,
+    images_to_unit,
+    load_dit,
+    null_label,
+    unit_to_images,
+)
 from storage.checkpoints import save_model
 
 

@@ -1,6 +1,6 @@
 """`dit`: the class-conditional DiT teacher on latents, DDPM epsilon objective, EMA weights saved.
 
-Both flips of every image are training rows. The saved model is the EMA; the DDPM schedule it was
+With `dit.mirrored`, both flips of every image are training rows. The saved model is the EMA; the DDPM schedule it was
 trained with is saved in its `reflow.json`, so the DDIM sampler reads the same alpha-bar.
 """
 
@@ -31,8 +31,9 @@ SPEC = StageSpec(
 def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.dit, ctx.params.compute
     latents = open_dataset(ctx.dep("latents") / "latents.zarr", kind="latents")
-    z1 = torch.from_numpy(np.concatenate([latents.load("z1"), latents.load("z1_flip")]))
-    labels = torch.from_numpy(np.tile(latents.load("labels"), 2)).long()
+    views = ["z1", "z1_flip"] if p.mirrored else ["z1"]
+    z1 = torch.from_numpy(np.concatenate([latents.load(v) for v in views]))
+    labels = torch.from_numpy(np.tile(latents.load("labels"), len(views))).long()
     num_classes = int(latents.attrs["num_classes"])
     channels, size = z1.shape[1], z1.shape[-1]
     if p.pretrained:

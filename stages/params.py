@@ -115,6 +115,7 @@ class DiTParams(TrainParams):
     num_layers: int = Field(4, gt=0)
     num_attention_heads: int = Field(4, gt=0)
     attention_head_dim: int = Field(32, gt=0)
+    mirrored: bool = True  # also train on the mirrored latents; off for data that is not mirror-symmetric
     learn_sigma: bool = False  # DiT's learned variance: 2C output channels, needed for released weights
     pretrained: str | None = None  # a diffusers DiT folder to start from (local path)
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # to the null class, for classifier-free guidance

@@ -76,7 +76,7 @@ def test_every_problem_is_listed_at_once():
 
 def test_vae_group_norm_cross_check():
     raw = raw_defaults()
-    raw["vae"]["block_out_channels"] = [24, 64]
+    raw["vae"]["block_out_channels"] = [20, 64]
     with pytest.raises(ParamsError, match="multiples of vae.norm_num_groups"):
         parse_params(raw)
 

@@ -94,3 +94,17 @@ def test_vae_shapes_and_image_range_round_trip():
     z = vae.encode(images_to_unit(images)).latent_dist.mean
     assert z.shape == (2, 4, 8, 8)
     assert torch.equal(unit_to_images(images_to_unit(images)), images)
+
+
+def test_missing_pretrained_vae_says_how_to_supply_it(tmp_path):
+    import pytest
+
+    from reflow.models import ModelLoadError, load_vae
+
+    with pytest.raises(ModelLoadError) as err:
+        load_vae("stabilityai/sd-vae-ft-ema-not-cached")
+    text = str(err.value)
+    assert "vae.pretrained='stabilityai/sd-vae-ft-ema-not-cached'" in text
+    assert "local path" in text and "vae.pretrained: null" in text
+    with pytest.raises(ModelLoadError, match=str(tmp_path)):
+        load_vae(tmp_path)  # a folder without a model

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from reflow.data import DataError  # noqa: E402
 from reflow.models import ModelLoadError  # noqa: E402
 from reflow.train import NonFiniteLossError  # noqa: E402
-from stages.params import ParamsError, ParamsView, load_params  # noqa: E402
+from stages.params import Params, ParamsError, ParamsView, load_params  # noqa: E402
 from stages.spec import StageSpec  # noqa: E402
 from storage import lineage, tracking  # noqa: E402
 from storage.atomic import atomic_write_json  # noqa: E402
@@ -82,9 +82,8 @@ def set_threads(params: ParamsView) -> None:
     torch.set_num_threads(n or os.cpu_count() or 1)
 
 
-def make_context(spec: StageSpec, root: Path, tracked: bool = True) -> StageContext:
-    """Validate params (raising ParamsError) and resolve inputs and scratch for a stage in `root`."""
-    params = load_params(root / "params.yaml")
+def make_context(spec: StageSpec, root: Path, params: Params, tracked: bool = True) -> StageContext:
+    """Resolve a stage's params view, input hashes and scratch dir in `root`."""
     view = ParamsView(params, spec.params)
     try:
         inputs = lineage.stage_input_hashes(root, spec.name)
@@ -102,13 +101,13 @@ def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]]) -
     """Entry point of `python -m stages.<name>`: returns the process exit code."""
     root = lineage.find_repo_root()
     try:
-        ctx = make_context(spec, root)
+        params = load_params(root / "params.yaml")
     except ParamsError as exc:
         print(f"error: stage {spec.name!r} did not start, no output was touched.\n{exc}", file=sys.stderr)
         return 2
+    ctx = make_context(spec, root, params)
     set_threads(ctx.params)
-    full = load_params(root / "params.yaml")
-    tracking.configure(full.tracking.uri, full.tracking.experiment, root)
+    tracking.configure(params.tracking.uri, params.tracking.experiment, root)
     commit, dirty = lineage.git_state(root)
     tags = {"params_hash": ctx.params_hash, "git_commit": commit or "none", "git_dirty": str(dirty).lower(),
             "status": "executed"}

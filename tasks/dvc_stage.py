@@ -25,6 +25,9 @@ from prefect.cache_policies import NO_CACHE
 SKIPPED = "didn't change, skipping"
 RESTORED = "is cached - skipping run"
 TRANSIENT = ("Unable to acquire lock", "is locked by", "lock is being held")
+# DVC's after-run hints about git; said once per stage they drown the stage's own log.
+HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage",
+         "Use `dvc push`")
 
 
 class StageFailed(RuntimeError):
@@ -89,7 +92,7 @@ def run_stage_process(stage: str, root: Path, *, env: dict[str, str], timeout_s:
             *done, buf = buf.replace(b"\r", b"\n").split(b"\n")
             for raw in done:
                 line = raw.decode(errors="replace").rstrip()
-                if not line:
+                if not line or line.lstrip().startswith(HINTS):
                     continue
                 is_bar = "it/s]" in line or "s/it]" in line or "%|" in line
                 if is_bar and time.monotonic() - last_bar < 5.0 and "100%" not in line:

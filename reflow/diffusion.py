@@ -61,7 +61,7 @@ class DDPMObjective:
         v = self._consts[name].to(like.device)[t].to(like.dtype)
         return v.view(-1, *([1] * (like.ndim - 1)))
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator):
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int):
         x0, y = batch["z1"], batch["label"]
         b = x0.shape[0]
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,

@@ -184,3 +184,15 @@ def decode_latents(vae: AutoencoderKL, z: torch.Tensor, scale_factor: float, bat
         chunk = z[i : i + batch_size].to(vae.device, vae.dtype) / scale_factor
         out.append(unit_to_images(vae.decode(chunk).sample.float()).cpu())
     return torch.cat(out)
+
+
+def init_where_shapes_match(model: nn.Module, source: nn.Module) -> tuple[int, int]:
+    """Copy every tensor of `source` whose name and shape match into `model`; (copied, total) counts.
+
+    Used to start a velocity model or a smaller student from the teacher: matching layers start
+    trained, the rest (e.g. a different output width) keep their fresh initialisation.
+    """
+    target = model.state_dict()
+    matched = {k: v for k, v in source.state_dict().items() if k in target and target[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    return len(matched), len(target)

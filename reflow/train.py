@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch, torch.Generator], torch.Tensor]
+LossFn = Callable[[nn.Module, Batch, torch.Generator, int], torch.Tensor]  # (model, batch, generator, step)
 LogFn = Callable[[dict[str, float], int], None]
 
 
@@ -159,7 +159,7 @@ def train(
         batch = {k: v[idx] for k, v in data.items()}
         generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, step, rank, 1))
         with accelerator.autocast():
-            loss = loss_fn(model, batch, generator)
+            loss = loss_fn(model, batch, generator, step)
         if not torch.isfinite(loss.detach()).item():
             raise NonFiniteLossError(
                 f"{desc}: loss is {loss.item()} at step {step}; stopped. The last checkpoint "

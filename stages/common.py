@@ -122,7 +122,8 @@ def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]]) -
                 atomic_write_json(root / spec.metrics, metrics)
             tracking.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
             outputs = lineage.stage_output_hashes(root, spec.name)
-            tracking.set_tags({f"output.{path}": h for path, h in outputs.items()})
+            mlflow_tags = {tracking.path_tag("output", path): h for path, h in outputs.items()}
+            tracking.set_tags({k.removeprefix(tracking.TAG): v for k, v in mlflow_tags.items()})
     except USER_ERRORS as exc:
         print(f"error: stage {spec.name!r} failed: {exc}", file=sys.stderr)
         if os.environ.get("REFLOW_DEBUG"):

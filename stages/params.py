@@ -139,6 +139,51 @@ class TeacherPairsParams(Strict):
     grid_samples: int = Field(64, gt=0)
 
 
+class VelocityTrainParams(TrainParams):
+    """Training a velocity model v(x_t, t, y) on a coupling (METHOD.md conventions: t = 0 noise, t = 1 data)."""
+
+    time_distribution: Literal["uniform", "logit_normal"] = "uniform"
+    time_eps: float = Field(1e-3, ge=0.0, lt=1.0)  # times drawn from [eps, 1]
+    loss: Literal["mse", "pseudo_huber"] = "mse"
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    eval_samples: int = Field(256, gt=0)  # pairs held out of training to measure error vs the teacher
+    eval_steps: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    steps: int = Field(2000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+
+    @model_validator(mode="after")
+    def _positive_eval_steps(self) -> VelocityTrainParams:
+        if any(n < 1 for n in self.eval_steps):
+            raise ValueError(f"eval_steps must all be >= 1 (NFE 0 is no sampling), got {self.eval_steps}")
+        return self
+
+
+class RF1Params(VelocityTrainParams):
+    """1-RF: a velocity model on the teacher's pairs (paired) or on real latents with fresh noise."""
+
+    coupling: Literal["paired", "independent"] = "paired"
+    init_from_teacher: bool = True  # copy the DiT teacher's weights where shapes match
+
+
+class ReflowParams(VelocityTrainParams):
+    """k-RF rounds: pairs from round k-1's EMA model, then round k trained from round k-1's weights."""
+
+    direction: Literal["from_z0", "from_z1", "random_paired"] = "from_z0"
+    solver: Literal["euler", "heun", "rk45"] = "euler"
+    solver_steps: int = Field(32, gt=0)
+    rtol: float = Field(1e-5, gt=0.0)
+    atol: float = Field(1e-5, gt=0.0)
+    num_samples: int = Field(1024, gt=0)
+    pairs_batch_size: int = Field(256, gt=0)
+    shard_size: int = Field(256, gt=0)
+    seed: int = 4321
+    anneal_warmup_steps: int = Field(0, ge=0)  # SlimFlow's annealing reflow; 0 = off
+    flip_prob: float = Field(0.0, ge=0.0, le=1.0)  # mirror z0 and z1 together
+
+
+
+
 class Params(Strict):
     """The whole of `params.yaml`."""
 
@@ -149,8 +194,22 @@ class Params(Strict):
     extract: ExtractParams = ExtractParams()
     dit: DiTParams = DiTParams()
     teacher_pairs: TeacherPairsParams = TeacherPairsParams()
+    rf1: RF1Params = RF1Params()
+    reflow: ReflowParams = ReflowParams()
+    # Reflow round k -> the model it starts from; DVC's foreach expands each into reflow_pairs@k and rf@k.
+    # Its own section so that adding a round reruns nothing that exists.
+    reflow_rounds: dict[str, str] = Field(default_factory=lambda: {"2": "rf1"}, min_length=1)
 
-    def section(self, name: str) -> Strict:
+    @model_validator(mode="after")
+    def _rounds_chain_from_1rf(self) -> Params:
+        expected = {str(k): ("rf1" if k == 2 else f"rf@{k - 1}") for k in range(2, 2 + len(self.reflow_rounds))}
+        if self.reflow_rounds != expected:
+            raise ValueError(
+                "reflow_rounds must be consecutive from 2, each starting from the previous round's model "
+                f"(a reference to any other stage breaks the chain): expected {expected}, got {self.reflow_rounds}")
+        return self
+
+    def section(self, name: str) -> Any:
         return getattr(self, name)
 
 
@@ -230,4 +289,8 @@ class ParamsView:
         return getattr(self._params, name)
 
     def as_dict(self) -> dict[str, Any]:
-        return {s: self._params.section(s).model_dump(mode="json") for s in self._sections}
+        return {s: _dump(self._params.section(s)) for s in self._sections}
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value

@@ -10,19 +10,18 @@ unfinished shard and produces exactly the pairs an uninterrupted run would.
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from reflow.data import save_grid
 from reflow.models import decode_latents, dit_epsilon, load_dit, load_vae
 from reflow.samplers import ddim, guided, per_sample_noise, sample_seeds
 from stages.common import StageContext, StageSpec, stage_main
+from stages.pairs import generate_pairs
 from storage.atomic import atomic_dir
 from storage.checkpoints import read_meta
-from storage.datasets import ShardedWriter, open_dataset
+from storage.datasets import open_dataset
 
 SPEC = StageSpec(
     name="teacher_pairs",
@@ -61,48 +60,29 @@ def run(ctx: StageContext) -> dict:
     attrs = {"teacher": "ddim", "ddim_steps": p.ddim_steps, "guidance_scale": p.guidance_scale,
              "base_seed": p.seed, "scale_factor": meta["scale_factor"], "num_classes": meta["num_classes"],
              "null_label": meta["null_label"], "time_convention": "t=0 noise z0, t=1 data z1"}
-    writer = ShardedWriter(
-        ctx.scratch / "pairs.zarr", n_rows=p.num_samples, shard_rows=p.shard_size,
-        schema={"z0": (shape, "float32"), "z1": (shape, "float32"), "label": ((), "int64"),
-                "seed": ((), "int64")},
-        kind="pairs", attrs=attrs, **ctx.attrs())
-    pending = writer.pending()
-    nfe_per_sample, t0, generated = 0, time.perf_counter(), 0
-    bar = tqdm(total=p.num_samples, initial=p.num_samples - sum(
-        writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in pending), desc="teacher pairs",
-        unit="pair", mininterval=1.0)
-    for shard in pending:
-        start, stop = writer.shard_range(shard)
-        parts: dict[str, list[np.ndarray]] = {"z0": [], "z1": [], "label": [], "seed": []}
-        for b in range(start, stop, p.batch_size):
-            e = min(b + p.batch_size, stop)
-            seeds = sample_seeds(p.seed, b, e)
-            labels = balanced_labels(b, e, meta["num_classes"])
-            z0, z1, nfe = generate(model, meta, seeds, labels, steps=p.ddim_steps,
-                                   guidance=p.guidance_scale, device=device)
-            nfe_per_sample = nfe
-            for k, v in (("z0", z0.numpy()), ("z1", z1.numpy()), ("label", labels),
-                         ("seed", np.asarray(seeds, dtype=np.int64))):
-                parts[k].append(v)
-            bar.update(e - b)
-            generated += e - b
-        writer.write_shard(shard, {k: np.concatenate(v) for k, v in parts.items()})
-    bar.close()
-    elapsed = time.perf_counter() - t0
+    nfe = {}
+
+    def make_batch(start: int, stop: int) -> dict[str, np.ndarray]:
+        seeds = sample_seeds(p.seed, start, stop)
+        labels = balanced_labels(start, stop, meta["num_classes"])
+        z0, z1, nfe["per_sample"] = generate(model, meta, seeds, labels, steps=p.ddim_steps,
+                                             guidance=p.guidance_scale, device=device)
+        return {"z0": z0.numpy(), "z1": z1.numpy(), "label": labels, "seed": np.asarray(seeds, dtype=np.int64)}
+
     out = ctx.out("pairs")
     with atomic_dir(out) as tmp:
-        writer.finalize(tmp / "pairs.zarr")
+        stats = generate_pairs(
+            ctx, final=tmp / "pairs.zarr", n_rows=p.num_samples, shard_rows=p.shard_size,
+            batch_size=p.batch_size, attrs=attrs, make_batch=make_batch, desc="teacher pairs",
+            schema={"z0": (shape, "float32"), "z1": (shape, "float32"), "label": ((), "int64"),
+                    "seed": ((), "int64")})
         # Labels are i mod K, so a grid K wide shows one class per column.
         n_grid = min(p.grid_samples, p.num_samples)
         z1 = torch.from_numpy(open_dataset(tmp / "pairs.zarr", kind="pairs").read("z1", 0, n_grid))
         save_grid(decode_latents(vae, z1, meta["scale_factor"]).numpy(), tmp / "grid.png",
                   nrow=min(meta["num_classes"], 16))
     ctx.log_artifact(out / "grid.png", "samples")
-    metrics = {"pairs": p.num_samples, "nfe_per_sample": nfe_per_sample,
-               "generated_this_run": generated}
-    if generated:
-        metrics["pairs_per_s"] = generated / elapsed
-    return metrics
+    return {**stats, "nfe_per_sample": nfe.get("per_sample", p.ddim_steps * (2 if p.guidance_scale != 1 else 1))}
 
 
 def main() -> int:

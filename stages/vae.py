@@ -33,7 +33,7 @@ class VAEObjective:
     def __init__(self, kl_weight: float):
         self.kl_weight = kl_weight
 
-    def __call__(self, model, batch, generator):
+    def __call__(self, model, batch, generator, step):
         x = images_to_unit(batch["images"])
         posterior = model.encode(x).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator, device=x.device)

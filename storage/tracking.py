@@ -2,7 +2,8 @@
 
 Tag scheme (every key is under `reflow.`):
   stage, pipeline_run_id, git_commit, git_dirty, params_hash,
-  input.<dvc path> = DVC hash of that dependency, output.<dvc path> = DVC hash of that output,
+  input.<dvc path> = DVC hash of that dependency, output.<dvc path> = DVC hash of that output
+  ('@' in a path is written ':', which MLflow allows in keys),
   status = executed | restored_from_run_cache | skipped_up_to_date (set by the pipeline driver).
 A `reflow run` makes one parent run; each executed stage is its child (the id travels in
 REFLOW_PARENT_RUN_ID, not MLFLOW_RUN_ID, which MLflow would silently adopt as the stage's own run).
@@ -22,6 +23,17 @@ TAG = "reflow."
 
 for _var, _value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
     os.environ.setdefault(_var, _value)
+
+
+def path_tag(kind: str, path: str) -> str:
+    """`reflow.input.<path>` / `reflow.output.<path>`; MLflow keys forbid '@', so `rf@2` is written `rf:2`."""
+    return f"{TAG}{kind}.{path.replace('@', ':')}"
+
+
+def tag_path(key: str, kind: str) -> str | None:
+    """The DVC path in a `path_tag` key of this kind, or None."""
+    prefix = f"{TAG}{kind}."
+    return key[len(prefix):].replace(":", "@") if key.startswith(prefix) else None
 
 
 def tracking_uri(uri: str | None, root: Path) -> str:
@@ -107,7 +119,7 @@ def stage_run(
     previous = marker.read_text().strip() if marker.exists() else None
     parent = os.environ.get(ENV_PARENT_RUN) or None
     all_tags = {f"{TAG}stage": stage, **{f"{TAG}{k}": v for k, v in tags.items()}}
-    all_tags.update({f"{TAG}input.{path}": h for path, h in inputs.items()})
+    all_tags.update({path_tag("input", path): h for path, h in inputs.items()})
     if _resumable(previous):
         run = mlflow.start_run(run_id=previous)
         mlflow.set_tags(all_tags | {f"{TAG}resumed": "true"})
@@ -161,8 +173,8 @@ def record_driver_run(stage: str, *, parent_run_id: str, pipeline_run_id: str, s
     import mlflow
 
     tags = {f"{TAG}stage": stage, f"{TAG}pipeline_run_id": pipeline_run_id, f"{TAG}status": status}
-    tags |= {f"{TAG}input.{p}": h for p, h in inputs.items()}
-    tags |= {f"{TAG}output.{p}": h for p, h in outputs.items()}
+    tags |= {path_tag("input", p): h for p, h in inputs.items()}
+    tags |= {path_tag("output", p): h for p, h in outputs.items()}
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     run = client.create_run(experiment_id, run_name=stage,

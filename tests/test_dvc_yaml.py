@@ -1,75 +1,85 @@
 """dvc.yaml and the stage modules say the same thing: params sections, inputs, outputs, metrics.
 
-A stage reads params only through its declared sections (ParamsView raises otherwise), so equality
-of the declared sections and dvc.yaml's `params:` means DVC reruns a stage whenever anything it reads
-changes.
+The comparison runs on DVC's own expansion of dvc.yaml (foreach rounds included). A stage reads params
+only through its declared sections (ParamsView raises otherwise), so equality of the declared sections
+and dvc.yaml's `params:` means DVC reruns a stage whenever anything it reads changes.
 """
 
 import importlib
 from pathlib import Path
 
 import pytest
-import yaml
+from dvc.dependency.param import ParamsDependency
+from dvc.repo import Repo
 
 from stages.params import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+STAGES = {s.name: s for s in Repo(str(ROOT)).index.stages}
 
 
-def names(entries) -> list[str]:
-    return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+def module_spec(stage):
+    words = stage.cmd.split()
+    assert words[:3] == ["python", "-m", f"stages.{words[2].removeprefix('stages.')}"], stage.cmd
+    module = importlib.import_module(words[2])
+    return module.spec(*words[3:]) if words[3:] else module.SPEC
 
 
-@pytest.mark.parametrize("stage", sorted(DVC))
-def test_stage_module_matches_dvc_yaml(stage):
-    entry = DVC[stage]
-    assert entry["cmd"] == f"python -m stages.{stage}"
-    spec = importlib.import_module(f"stages.{stage}").SPEC
-    assert spec.name == stage
-    assert sorted(entry.get("params", [])) == sorted(spec.params), "params sections differ"
-    assert "tracking" not in entry.get("params", []), "tracking changes no output and must not trigger reruns"
-    data_deps = [d for d in entry["deps"] if not d.endswith(".py")]
-    assert sorted(data_deps) == sorted(spec.deps.values())
-    assert sorted(entry["outs"]) == sorted(spec.outs.values())
-    assert names(entry.get("metrics", [])) == ([spec.metrics] if spec.metrics else [])
+def file_deps(stage):
+    return [d for d in stage.deps if not isinstance(d, ParamsDependency)]
 
 
-@pytest.mark.parametrize("stage", sorted(DVC))
-def test_code_deps_exist_and_include_the_stage_module(stage):
-    code = [d for d in DVC[stage]["deps"] if d.endswith(".py")]
-    assert f"stages/{stage}.py" in code
+def params_sections(stage) -> list[str]:
+    return sorted(k for p in stage.params for k in p.params)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_module_matches_dvc_yaml(name):
+    stage = STAGES[name]
+    spec = module_spec(stage)
+    assert spec.name == name
+    assert params_sections(stage) == sorted(spec.params), "params sections differ"
+    assert "tracking" not in params_sections(stage), "tracking changes no output and must not trigger reruns"
+    data_deps = sorted(str(d.def_path) for d in file_deps(stage) if not str(d.def_path).endswith(".py"))
+    expected_deps = sorted("data" if v == "${data.path}" else v for v in spec.deps.values())
+    assert data_deps == expected_deps
+    outs = sorted(str(o.def_path) for o in stage.outs if not o.metric)
+    assert outs == sorted(spec.outs.values())
+    assert [str(o.def_path) for o in stage.outs if o.metric] == ([spec.metrics] if spec.metrics else [])
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_code_deps_exist_and_include_the_stage_module(name):
+    stage = STAGES[name]
+    code = [str(d.def_path) for d in file_deps(stage) if str(d.def_path).endswith(".py")]
+    assert f"{stage.cmd.split()[2].replace('.', '/')}.py" in code
     for path in code:
         assert (ROOT / path).is_file(), path
 
 
 def test_every_params_section_is_used_by_some_stage_or_is_tracking():
-    used = {s for e in DVC.values() for s in e.get("params", [])}
-    assert used | {"tracking"} == set(SECTIONS)
+    used = {s for stage in STAGES.values() for s in params_sections(stage)}
+    assert used | {"tracking", "reflow_rounds"} == set(SECTIONS)
 
 
-def test_outputs_are_produced_once_and_consumed_after():
-    producers = {o: s for s, e in DVC.items() for o in e["outs"]}
-    assert len(producers) == sum(len(e["outs"]) for e in DVC.values())
-    order = list(DVC)
-    for stage, entry in DVC.items():
-        for dep in entry["deps"]:
-            if dep in producers:
-                assert order.index(producers[dep]) < order.index(stage)
-
-
-def test_validate_runs_before_every_other_stage():
+def test_outputs_are_produced_once_and_validate_runs_before_every_other_stage():
     """Every stage has `validate` as an ancestor, so DVC runs it first and a bad params file stops the run."""
-    producers = {o: s for s, e in DVC.items() for o in e["outs"]}
-    parents = {s: {producers[d] for d in e["deps"] if d in producers} for s, e in DVC.items()}
+    producers = {}
+    for name, stage in STAGES.items():
+        for out in stage.outs:
+            assert str(out.def_path) not in producers
+            producers[str(out.def_path)] = name
+    parents = {n: {producers[str(d.def_path)] for d in file_deps(s) if str(d.def_path) in producers}
+               for n, s in STAGES.items()}
 
-    def ancestors(stage):
+    def ancestors(name):
         found = set()
-        for p in parents[stage]:
+        for p in parents[name]:
             found |= {p} | ancestors(p)
         return found
 
-    assert "params.yaml" in DVC["validate"]["deps"]
-    for stage in DVC:
-        if stage != "validate":
-            assert "validate" in ancestors(stage), stage
+    assert "params.yaml" in [str(d.def_path) for d in file_deps(STAGES["validate"])]
+    for name in STAGES:
+        if name != "validate":
+            assert "validate" in ancestors(name), name
+    assert ancestors("rf@2") >= {"rf1", "reflow_pairs@2", "teacher_pairs"}

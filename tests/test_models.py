@@ -80,7 +80,7 @@ def test_ddpm_objective_falls_on_a_fixed_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for step in range(40):
-        loss = objective(model, batch, torch.Generator().manual_seed(step % 4))
+        loss = objective(model, batch, torch.Generator().manual_seed(step % 4), step)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from stages.params import SECTIONS, Params, ParamsError, ParamsView, load_params, parse_params
 
@@ -26,8 +27,9 @@ def test_params_yaml_spells_out_every_key_of_every_section():
     """params.yaml is the documentation of the knobs: nothing may hide behind a default."""
     raw = raw_defaults()
     assert set(raw) == set(SECTIONS)
-    for name, model in Params.model_fields.items():
-        assert set(raw[name]) == set(model.annotation.model_fields), name
+    for name, field in Params.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            assert set(raw[name]) == set(field.annotation.model_fields), name
 
 
 @pytest.mark.parametrize(
@@ -114,3 +116,20 @@ def test_cli_validate_prints_ok_or_every_error(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 1
     assert "dit.steps: got -1" in res.stderr and "teacher_pairs.bogus: unknown key" in res.stderr
+
+
+def test_reflow_rounds_must_chain_from_rf1():
+    raw = raw_defaults()
+    raw["reflow_rounds"] = {"2": "rf1", "3": "rf@2"}
+    assert parse_params(raw).reflow_rounds == {"2": "rf1", "3": "rf@2"}
+    raw["reflow_rounds"] = {"2": "rf1", "3": "dit"}
+    with pytest.raises(ParamsError, match="reflow_rounds must be consecutive from 2"):
+        parse_params(raw)
+
+
+def test_presets_spell_out_what_dvc_yaml_interpolates():
+    """dvc.yaml reads ${data.path} and ${reflow_rounds} from the params file itself, without our defaults."""
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "presets").glob("*.yaml"))]:
+        raw = yaml.safe_load(path.read_text())
+        assert "path" in raw.get("data", {}), path
+        assert raw.get("reflow_rounds"), path

@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 from storage.datasets import open_dataset
+from storage.tracking import path_tag, tag_path
 
 pytestmark = pytest.mark.e2e
-STAGES = ["prepare", "vae", "extract", "dit", "teacher_pairs"]  # with an MLflow run; `validate` runs first
+STAGES = ["prepare", "vae", "extract", "dit", "teacher_pairs", "rf1", "reflow_pairs@2", "rf@2"]  # with an MLflow run; `validate` runs first
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -86,14 +87,14 @@ def test_mlflow_lineage_joins_up_through_dvc_hashes(repo):
         assert run.info.status == "FINISHED"
         assert "mlflow.parentRunId" not in tags, "plain dvc repro makes top-level runs"
         assert len(tags["reflow.git_commit"]) == 40 and tags["reflow.git_dirty"] in ("true", "false")
-        inputs = {k.removeprefix("reflow.input."): v for k, v in tags.items() if k.startswith("reflow.input.")}
-        outputs = {k.removeprefix("reflow.output."): v for k, v in tags.items() if k.startswith("reflow.output.")}
+        inputs = {tag_path(k, "input"): v for k, v in tags.items() if tag_path(k, "input")}
+        outputs = {tag_path(k, "output"): v for k, v in tags.items() if tag_path(k, "output")}
         assert outputs == lock[stage]["outs"]
         assert {p: h for p, h in inputs.items()} == {p: h for p, h in lock[stage]["deps"].items()}
         for path, digest in inputs.items():
             if path in producers and producers[path] != "validate":  # a marker; validate logs no run
                 producer_tags = runs[producers[path]].data.tags
-                assert producer_tags[f"reflow.output.{path}"] == digest
+                assert producer_tags[path_tag("output", path)] == digest
         datasets = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
         assert {p: h[:36] for p, h in inputs.items()} == datasets
     assert "loss" in runs["dit"].data.metrics and "images_per_s" in runs["dit"].data.metrics
@@ -110,9 +111,9 @@ def test_prefect_flow_skips_everything_then_reruns_only_what_changed(repo, prefe
     edit_params(repo, "teacher_pairs", "seed", 99)
     outcomes = pipeline(root=str(repo))
     status = {o["stage"]: o["status"] for o in outcomes}
-    assert status.pop("teacher_pairs") == "executed"
-    assert status.pop("validate") == "executed"  # params.yaml changed; its constant output keeps the rest
-    assert set(status.values()) == {"skipped_up_to_date"}
+    rerun = ["validate", "teacher_pairs", "rf1", "reflow_pairs@2", "rf@2"]  # the changed stage and downstream
+    assert [s for s in status if status[s] == "executed"] == rerun
+    assert {status[s] for s in status if s not in rerun} == {"skipped_up_to_date"}
 
     runs = mlflow_runs(repo)
     child = next(r for r in runs if r.data.tags.get("reflow.stage") == "teacher_pairs"
@@ -120,7 +121,7 @@ def test_prefect_flow_skips_everything_then_reruns_only_what_changed(repo, prefe
     parent = next(r for r in runs if r.info.run_id == child.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["reflow.kind"] == "pipeline"
     assert child.data.tags["reflow.pipeline_run_id"] == parent.data.tags["reflow.pipeline_run_id"]
-    assert parent.data.tags["reflow.executed"] == "validate,teacher_pairs"
+    assert parent.data.tags["reflow.executed"] == ",".join(rerun)
     pairs = open_dataset(repo / "artifacts/teacher_pairs/pairs.zarr", kind="pairs")
     assert pairs.attrs["base_seed"] == 99
 

@@ -15,7 +15,7 @@ def regression_problem():
     return {"x": x, "y": x @ w + 0.01 * torch.randn(256, 1, generator=g)}
 
 
-def objective(model, batch, generator):
+def objective(model, batch, generator, step):
     noise = 0.01 * torch.randn(batch["x"].shape, generator=generator)
     return (model(batch["x"] + noise) - batch["y"]).pow(2).mean()
 
@@ -53,20 +53,13 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
-    def exploding(model, batch, generator):
-        return objective(model, batch, generator) * (float("nan") if exploding.calls >= 7 else 1.0)
-
-    exploding.calls = 0
-
-    def counted(model, batch, generator):
-        loss = exploding(model, batch, generator)
-        exploding.calls += 1
-        return loss
+    def exploding(model, batch, generator, step):
+        return objective(model, batch, generator, step) * (float("nan") if step >= 7 else 1.0)
 
     cfg = TrainConfig(steps=20, batch_size=32, lr=1e-2, log_every=5, checkpoint_every=5, seed=3)
     resume = FileResume(tmp_path / "state.pt")
     with pytest.raises(NonFiniteLossError, match="at step 7"):
-        train(fresh_model(), counted, regression_problem(), cfg, make_accelerator("cpu", "no"), resume=resume)
+        train(fresh_model(), exploding, regression_problem(), cfg, make_accelerator("cpu", "no"), resume=resume)
     assert resume.load()["step"] == 5
 
 

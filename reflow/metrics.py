@@ -1,0 +1,36 @@
+"""How straight and how faithful a velocity model is, measured against the teacher's own samples.
+
+`z1_teacher` are the teacher's many-step results from the same noise `z0`, so the error of an N-step
+sample is the distance from where the teacher would have gone: the number distillation and reflow
+are meant to shrink. Straightness is METHOD.md's E ∫ ||(X1 - X0) - v(X_t, t)||^2 dt along the model's
+own Euler path (0 for a perfectly straight flow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from reflow.samplers import Field, euler, straightness
+
+
+@torch.inference_mode()
+def flow_errors(
+    field: Field, z0: torch.Tensor, z1_teacher: torch.Tensor, *, steps: Sequence[int] = (1, 2, 4),
+    straightness_steps: int = 16, batch_size: int = 256,
+) -> dict[str, float]:
+    """{'error_<n>_step': mean squared error per dimension, 'nfe_<n>_step': evaluations, 'straightness'}."""
+    out: dict[str, float] = {}
+    for n in steps:
+        sq, nfe = 0.0, 0
+        for i in range(0, len(z0), batch_size):
+            res = euler(field, z0[i : i + batch_size], n)
+            sq += (res.x.float() - z1_teacher[i : i + batch_size].float()).pow(2).sum().item()
+            nfe = res.nfe  # per sample: the same for every batch
+        out[f"error_{n}_step"] = sq / z1_teacher.numel()
+        out[f"nfe_{n}_step"] = float(nfe)
+    s = [straightness(field, z0[i : i + batch_size], steps=straightness_steps)
+         for i in range(0, len(z0), batch_size)]
+    out["straightness"] = torch.cat(s).mean().item()
+    return out

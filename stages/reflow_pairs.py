@@ -1,0 +1,96 @@
+"""`reflow_pairs@k`: the coupling for round k, made by the round k-1 model (`python -m stages.reflow_pairs k`).
+
+Directions (SlimFlow): `from_z0` integrates the previous flow from per-sample noise to data;
+`from_z1` inverts real latents back to noise along the same flow (t from 1 to 0); `random_paired`
+pairs real latents with independent noise and uses no model at all. Rows are seeded per sample and
+written shard by shard, resumable like the teacher's pairs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from reflow.models import load_dit
+from reflow.rectified import velocity_field
+from reflow.samplers import per_sample_noise, sample_seeds, solve
+from stages.common import StageContext, StageSpec, stage_main
+from stages.pairs import generate_pairs
+from stages.velocity import teacher_meta
+from storage.atomic import atomic_dir
+from storage.datasets import open_dataset
+
+
+def previous_model(k: int | str) -> str:
+    """The stage whose model round k starts from (validated in params: rounds chain from rf1)."""
+    return "rf1" if int(k) == 2 else f"rf@{int(k) - 1}"
+
+
+def spec(k: int | str) -> StageSpec:
+    return StageSpec(
+        name=f"reflow_pairs@{k}",
+        params=("compute", "reflow"),
+        deps={"model": f"artifacts/{previous_model(k)}", "latents": "artifacts/extract",
+              "teacher_pairs": "artifacts/teacher_pairs", "dit": "artifacts/dit"},
+        outs={"pairs": f"artifacts/reflow_pairs@{k}"},
+        metrics=f"metrics/reflow_pairs@{k}.json",
+    )
+
+
+def run(ctx: StageContext) -> dict:
+    p, compute = ctx.params.reflow, ctx.params.compute
+    device = "cuda" if compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+    meta = teacher_meta(ctx.dep("teacher_pairs"), ctx.dep("dit"))
+    shape, null = tuple(meta["latent_shape"]), meta["null_label"]
+    model = load_dit(ctx.dep("model") / "transformer").to(device).eval()
+    latents = open_dataset(ctx.dep("latents") / "latents.zarr", kind="latents")
+    real_z1, real_y = latents.load("z1"), latents.load("labels").astype(np.int64)
+    nfe = {"per_sample": 0.0}
+
+    @torch.inference_mode()
+    def make_batch(start: int, stop: int) -> dict[str, np.ndarray]:
+        seeds = sample_seeds(p.seed, start, stop)
+        idx = np.arange(start, stop) % len(real_z1)  # real latents, cycled when more pairs are asked for
+        if p.direction == "from_z0":
+            y = np.arange(start, stop, dtype=np.int64) % meta["num_classes"]
+            z0 = per_sample_noise(seeds, shape)
+            res = solve(velocity_field(model, torch.from_numpy(y).to(device), null_label=null), z0.to(device),
+                        solver=p.solver, steps=p.solver_steps, rtol=p.rtol, atol=p.atol)
+            z1 = res.x.float().cpu()
+            nfe["per_sample"] = res.nfe
+        else:
+            y, z1 = real_y[idx], torch.from_numpy(real_z1[idx])
+            if p.direction == "from_z1":
+                res = solve(velocity_field(model, torch.from_numpy(y).to(device), null_label=null), z1.to(device),
+                            solver=p.solver, steps=p.solver_steps, rtol=p.rtol, atol=p.atol, t_start=1.0,
+                            t_end=0.0)
+                z0 = res.x.float().cpu()
+                nfe["per_sample"] = res.nfe
+            else:
+                z0 = per_sample_noise(seeds, shape)
+        return {"z0": z0.numpy(), "z1": z1.numpy(), "label": y, "seed": np.asarray(seeds, dtype=np.int64)}
+
+    attrs = {"round": int(ctx.spec.name.split("@")[1]), "from_model": str(ctx.spec.deps["model"]),
+             "direction": p.direction, "solver": p.solver, "solver_steps": p.solver_steps, "rtol": p.rtol,
+             "atol": p.atol, "base_seed": p.seed, **meta}
+    with atomic_dir(ctx.out("pairs")) as tmp:
+        stats = generate_pairs(
+            ctx, final=tmp / "pairs.zarr", n_rows=p.num_samples, shard_rows=p.shard_size,
+            batch_size=p.pairs_batch_size, attrs=attrs, make_batch=make_batch, desc=ctx.spec.name,
+            schema={"z0": (shape, "float32"), "z1": (shape, "float32"), "label": ((), "int64"),
+                    "seed": ((), "int64")})
+    return {**stats, "nfe_per_sample": float(nfe["per_sample"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit():
+        print("usage: python -m stages.reflow_pairs K   (K: the reflow round, 2 or more)", file=sys.stderr)
+        return 2
+    return stage_main(spec(args[0]), run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""What the velocity-model stages (`rf1`, `rf@k`) share: model construction, training and evaluation.
+
+Every velocity model is measured the same way, on the same held-out teacher pairs (the last
+`eval_samples` rows of `teacher_pairs`, never trained on by `rf1`), so the metrics of 1-RF, k-RF and
+later stages are directly comparable: N-step error against the teacher's sample from the same noise,
+and straightness.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reflow.data import save_grid
+from reflow.metrics import flow_errors
+from reflow.models import build_dit, decode_latents, init_where_shapes_match, load_dit, load_vae
+from reflow.rectified import RectifiedFlowObjective, velocity_field
+from reflow.samplers import euler
+from reflow.train import TrainConfig, TrainResult, make_accelerator, train
+from stages.common import StageContext
+from stages.params import ComputeParams, VelocityTrainParams
+from storage.atomic import atomic_dir
+from storage.checkpoints import read_meta, save_model
+from storage.datasets import open_dataset
+from storage.resume import FileResume
+
+
+def load_pairs(path, names=("z0", "z1", "label")) -> dict[str, torch.Tensor]:
+    ds = open_dataset(path, kind="pairs")
+    out = {n: torch.from_numpy(ds.load(n)) for n in names}
+    out["label"] = out["label"].long()
+    return out
+
+
+def split_eval(pairs: dict[str, torch.Tensor], eval_samples: int) -> tuple[dict, dict]:
+    """(train, eval): the last `eval_samples` rows are held out."""
+    n = len(pairs["z1"])
+    if eval_samples >= n:
+        raise ValueError(f"eval_samples={eval_samples} leaves no training pairs out of {n}; lower it")
+    return {k: v[: n - eval_samples] for k, v in pairs.items()}, {k: v[n - eval_samples :] for k, v in pairs.items()}
+
+
+def velocity_model_like(teacher_dir, *, init_from=None, seed: int = 0):
+    """A DiT shaped like the teacher with a velocity head (C output channels), optionally initialised.
+
+    `init_from` is a model folder (the teacher, or the previous round) copied where shapes match.
+    """
+    cfg = load_dit(teacher_dir).config
+    model = build_dit(sample_size=cfg.sample_size, in_channels=cfg.in_channels,
+                      num_classes=cfg.num_embeds_ada_norm, patch_size=cfg.patch_size, num_layers=cfg.num_layers,
+                      num_attention_heads=cfg.num_attention_heads, attention_head_dim=cfg.attention_head_dim,
+                      learn_sigma=False, seed=seed)
+    copied = 0
+    if init_from is not None:
+        copied, _ = init_where_shapes_match(model, load_dit(init_from))
+    return model, copied
+
+
+def train_velocity(ctx: StageContext, p: VelocityTrainParams, compute: ComputeParams, model, data: dict,
+                   objective: RectifiedFlowObjective, desc: str) -> TrainResult:
+    cfg = TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                      ema_decay=p.ema_decay, grad_clip=p.grad_clip, log_every=p.log_every,
+                      checkpoint_every=p.checkpoint_every, seed=compute.seed)
+    return train(model, objective, data, cfg, make_accelerator(compute.device, compute.mixed_precision),
+                 resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc=desc)
+
+
+@torch.inference_mode()
+def evaluate_and_save(ctx: StageContext, p: VelocityTrainParams, result: TrainResult, eval_pairs: dict, *,
+                      meta: dict, vae_dir, kind: str) -> dict[str, float]:
+    """Errors vs the teacher on held-out pairs, a grid (teacher row, then 1, 2, 4, ... Euler steps), save."""
+    model = result.ema.to("cpu").eval()
+    null = meta["null_label"]
+    field = velocity_field(model, eval_pairs["label"], null_label=null)
+    metrics = flow_errors(field, eval_pairs["z0"], eval_pairs["z1"], steps=p.eval_steps)
+    vae = load_vae(vae_dir).eval()
+    k = min(10, len(eval_pairs["z0"]))
+    z0, y = eval_pairs["z0"][:k], eval_pairs["label"][:k]
+    rows = [eval_pairs["z1"][:k]] + [euler(velocity_field(model, y, null_label=null), z0, n).x for n in p.eval_steps]
+    images = decode_latents(vae, torch.cat(rows), meta["scale_factor"]).numpy()
+    out = ctx.out("model")
+    with atomic_dir(out) as tmp:
+        save_model(model, tmp / "transformer", meta={**meta, **ctx.attrs(), "kind": kind,
+                                                    "objective": "rectified_flow_velocity", "metrics": metrics})
+        save_grid(images, tmp / "grid.png", nrow=k)
+    ctx.log_artifact(out / "grid.png", "samples")
+    return {**metrics, "train_loss": result.last_loss, "images_per_s": result.images_per_s,
+            "resumed_from_step": float(result.resumed_from)}
+
+
+def teacher_meta(teacher_pairs_dir, dit_dir) -> dict:
+    """What every velocity model records about the space it lives in."""
+    meta = read_meta(dit_dir)
+    pairs = open_dataset(teacher_pairs_dir / "pairs.zarr", kind="pairs")
+    return {"null_label": meta["null_label"], "num_classes": meta["num_classes"],
+            "latent_shape": meta["latent_shape"], "scale_factor": meta["scale_factor"],
+            "time_convention": "t=0 noise z0, t=1 data z1; network sees t*999",
+            "teacher_guidance_scale": float(pairs.attrs["guidance_scale"])}
+

@@ -21,7 +21,8 @@ from storage.datasets import open_dataset
 from storage.tracking import path_tag, tag_path
 
 pytestmark = pytest.mark.e2e
-STAGES = ["prepare", "vae", "extract", "dit", "teacher_pairs", "rf1", "reflow_pairs@2", "rf@2"]  # with an MLflow run; `validate` runs first
+# Stages with an MLflow run; `validate` runs before them.
+STAGES = ["prepare", "vae", "extract", "dit", "teacher_pairs", "rf1", "reflow_pairs@2", "rf@2"]
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:

@@ -8,24 +8,30 @@ own Euler path (0 for a perfectly straight flow).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from reflow.samplers import Field, euler, straightness
+from reflow.samplers import Field, SampleResult, euler, straightness
+
+Sampler = Callable[[Field, torch.Tensor, int], SampleResult]  # (field, z0, nfe budget) -> sample
 
 
 @torch.inference_mode()
 def flow_errors(
     field: Field, z0: torch.Tensor, z1_teacher: torch.Tensor, *, steps: Sequence[int] = (1, 2, 4),
-    straightness_steps: int = 16, batch_size: int = 256,
+    straightness_steps: int = 16, batch_size: int = 256, sampler: Sampler = euler,
 ) -> dict[str, float]:
-    """{'error_<n>_step': mean squared error per dimension, 'nfe_<n>_step': evaluations, 'straightness'}."""
+    """{'error_<n>_step': mean squared error per dimension, 'nfe_<n>_step': evaluations, 'straightness'}.
+
+    `sampler(field, z0, n)` makes the n-step sample: Euler with n equal steps unless the model has its
+    own schedule (SeqRF: one or more steps per segment).
+    """
     out: dict[str, float] = {}
     for n in steps:
         sq, nfe = 0.0, 0
         for i in range(0, len(z0), batch_size):
-            res = euler(field, z0[i : i + batch_size], n)
+            res = sampler(field, z0[i : i + batch_size], n)
             sq += (res.x.float() - z1_teacher[i : i + batch_size].float()).pow(2).sum().item()
             nfe = res.nfe  # per sample: the same for every batch
         out[f"error_{n}_step"] = sq / z1_teacher.numel()

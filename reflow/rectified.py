@@ -16,8 +16,10 @@ from torch import nn
 
 from reflow.diffusion import drop_labels
 from reflow.flow import anneal_noise, anneal_r, flip_pairs, rf_loss, sample_time
+from reflow.losses import mse, pseudo_huber
 from reflow.models import dit_velocity
 from reflow.samplers import Field, guided
+from reflow.seqrf import segment_train_example
 
 
 class RectifiedFlowObjective:
@@ -52,6 +54,44 @@ class RectifiedFlowObjective:
         t = sample_time(len(z1), distribution=self.time_distribution, eps=self.time_eps, generator=generator,
                         device=z1.device)
         return rf_loss(lambda x, tt, yy: dit_velocity(model, x, tt, yy), z0, z1, y, t, loss=self.loss)
+
+
+class OneStepDistillObjective:
+    """A one-step student: `z0 + v(z0, 0)` should land on the source model's `z1` (InstaFlow, SlimFlow)."""
+
+    def __init__(self, *, null_label: int, label_dropout: float = 0.0,
+                 loss: Literal["mse", "pseudo_huber"] = "mse"):
+        self.null_label, self.label_dropout, self.loss = null_label, label_dropout, loss
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int):
+        z0, z1 = batch["z0"], batch["z1"]
+        y = drop_labels(batch["label"], self.label_dropout, self.null_label, generator)
+        prediction = z0 + dit_velocity(model, z0, torch.zeros(len(z0), device=z0.device, dtype=z0.dtype), y)
+        return mse(prediction, z1) if self.loss == "mse" else pseudo_huber(prediction, z1)
+
+
+class SegmentObjective:
+    """SeqRF: inside a stored segment `[t_start, t_end]`, regress the chord slope (METHOD.md, seqrf).
+
+    The batch holds `x_start`, `x_end` (the teacher flow carried from one to the other), `t_start`,
+    `t_end` and `label`; `u` is drawn from the time distribution and mapped into the segment.
+    """
+
+    def __init__(self, *, null_label: int, label_dropout: float = 0.1,
+                 time_distribution: Literal["uniform", "logit_normal"] = "uniform", time_eps: float = 1e-3,
+                 loss: Literal["mse", "pseudo_huber"] = "mse"):
+        self.null_label, self.label_dropout, self.loss = null_label, label_dropout, loss
+        self.time_distribution, self.time_eps = time_distribution, time_eps
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int):
+        x_start, x_end = batch["x_start"], batch["x_end"]
+        y = drop_labels(batch["label"], self.label_dropout, self.null_label, generator)
+        # u in [0, 1 - eps]: the segment's start point is always seen, its end (the next segment's start) never.
+        u = 1 - sample_time(len(x_start), distribution=self.time_distribution, eps=self.time_eps,
+                            generator=generator, device=x_start.device)
+        x_u, t, target = segment_train_example(x_start, x_end, batch["t_start"], batch["t_end"], u)
+        velocity = dit_velocity(model, x_u, t.to(x_u.dtype), y)
+        return mse(velocity, target) if self.loss == "mse" else pseudo_huber(velocity, target)
 
 
 def velocity_field(model: nn.Module, y: torch.Tensor, *, null_label: int, guidance: float = 1.0) -> Field:

@@ -27,7 +27,7 @@ from reflow.data import DataError  # noqa: E402
 from reflow.models import ModelLoadError  # noqa: E402
 from reflow.train import NonFiniteLossError  # noqa: E402
 from stages.params import Params, ParamsError, ParamsView, load_params  # noqa: E402
-from stages.spec import StageSpec  # noqa: E402
+from stages.spec import StageSpec, resolve_path  # noqa: E402
 from storage import lineage, tracking  # noqa: E402
 from storage.atomic import atomic_write_json  # noqa: E402
 from storage.checkpoints import CheckpointError  # noqa: E402
@@ -49,7 +49,7 @@ class StageContext:
     tracked: bool = True  # False when run() is called directly (tests, notebooks): nothing is logged
 
     def dep(self, role: str) -> Path:
-        return self.root / self.spec.deps[role]
+        return self.root / resolve_path(self.spec.deps[role], self.params)
 
     def out(self, role: str) -> Path:
         return self.root / self.spec.outs[role]

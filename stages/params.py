@@ -184,6 +184,43 @@ class ReflowParams(VelocityTrainParams):
 
 
 
+class SeqRFParams(VelocityTrainParams):
+    """Sequential rectified flow: K time segments, each straightened on its own (METHOD.md, seqrf)."""
+
+    segments: int = Field(4, gt=0)  # K
+    boundaries: Literal["uniform", "adaptive"] = "uniform"  # adaptive: DP over a fine teacher trajectory
+    start: Literal["noised_data", "teacher_trajectory"] = "noised_data"  # where a segment's x_{t_i} comes from
+    teacher_steps: int = Field(64, gt=0)  # Euler steps of the 1-RF teacher over [0, 1] (fine trajectory)
+    num_samples: int = Field(1024, gt=0)  # segment-endpoint pairs
+    pairs_batch_size: int = Field(256, gt=0)
+    shard_size: int = Field(256, gt=0)
+    seed: int = 2468
+    eval_steps: list[int] = Field(default_factory=lambda: [4, 8], min_length=1)  # multiples of segments
+
+    @model_validator(mode="after")
+    def _segments_fit_the_trajectory(self) -> SeqRFParams:
+        if self.segments > self.teacher_steps:
+            raise ValueError(f"seqrf.segments={self.segments} is larger than seqrf.teacher_steps="
+                             f"{self.teacher_steps}: each segment needs at least one teacher step")
+        uneven = [n for n in self.eval_steps if n % self.segments]
+        if uneven:
+            raise ValueError(f"seqrf.eval_steps {uneven} are not multiples of seqrf.segments={self.segments}: "
+                             "SeqRF samples with a whole number of Euler steps per segment")
+        return self
+
+
+class DistillParams(VelocityTrainParams):
+    """A one-step student z0 -> z0 + v(z0, 0) from the pairs of a chosen model (METHOD.md, distill)."""
+
+    source: str = "rf@2"  # the model whose pairs are distilled: rf1, rf@k or seqrf (the straightest)
+    student_num_layers: int | None = Field(None, gt=0)  # None: the teacher's depth; smaller = SlimFlow-style
+    student_attention_head_dim: int | None = Field(None, gt=0)
+    init_from_source: bool = True  # copy the source model's weights where shapes match
+    solver_steps: int = Field(32, gt=0)  # Euler steps of the source model to make the pairs
+    num_samples: int = Field(1024, gt=0)
+    seed: int = 1357
+
+
 class Params(Strict):
     """The whole of `params.yaml`."""
 
@@ -199,6 +236,8 @@ class Params(Strict):
     # Reflow round k -> the model it starts from; DVC's foreach expands each into reflow_pairs@k and rf@k.
     # Its own section so that adding a round reruns nothing that exists.
     reflow_rounds: dict[str, str] = Field(default_factory=lambda: {"2": "rf1"}, min_length=1)
+    seqrf: SeqRFParams = SeqRFParams()
+    distill: DistillParams = DistillParams()
 
     @model_validator(mode="after")
     def _rounds_chain_from_1rf(self) -> Params:
@@ -207,6 +246,10 @@ class Params(Strict):
             raise ValueError(
                 "reflow_rounds must be consecutive from 2, each starting from the previous round's model "
                 f"(a reference to any other stage breaks the chain): expected {expected}, got {self.reflow_rounds}")
+        models = ["rf1", *(f"rf@{k}" for k in self.reflow_rounds), "seqrf"]
+        if self.distill.source not in models:
+            raise ValueError(f"distill.source={self.distill.source!r} is not a model of this pipeline; expected "
+                             f"one of {models}")
         return self
 
     def section(self, name: str) -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -14,3 +16,11 @@ class StageSpec:
     deps: dict[str, str] = field(default_factory=dict)  # role -> path
     outs: dict[str, str] = field(default_factory=dict)  # role -> path
     metrics: str | None = None
+
+
+_TEMPLATE = re.compile(r"\$\{([a-z_]+)\.([a-z_]+)\}")
+
+
+def resolve_path(path: str, sections: Any) -> str:
+    """Fill `${section.key}` in a dvc.yaml path the way DVC does, from an object with those sections."""
+    return _TEMPLATE.sub(lambda m: str(getattr(getattr(sections, m.group(1)), m.group(2))), path)

@@ -8,10 +8,13 @@ and straightness.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from reflow.data import save_grid
-from reflow.metrics import flow_errors
+from reflow.metrics import Sampler, flow_errors
 from reflow.models import build_dit, decode_latents, init_where_shapes_match, load_dit, load_vae
 from reflow.rectified import RectifiedFlowObjective, velocity_field
 from reflow.samplers import euler
@@ -39,16 +42,18 @@ def split_eval(pairs: dict[str, torch.Tensor], eval_samples: int) -> tuple[dict,
     return {k: v[: n - eval_samples] for k, v in pairs.items()}, {k: v[n - eval_samples :] for k, v in pairs.items()}
 
 
-def velocity_model_like(teacher_dir, *, init_from=None, seed: int = 0):
+def velocity_model_like(teacher_dir, *, init_from=None, seed: int = 0, num_layers: int | None = None,
+                        attention_head_dim: int | None = None):
     """A DiT shaped like the teacher with a velocity head (C output channels), optionally initialised.
 
-    `init_from` is a model folder (the teacher, or the previous round) copied where shapes match.
+    `init_from` is a model folder (the teacher, or the previous round) copied where shapes match;
+    `num_layers` / `attention_head_dim` make a smaller student (SlimFlow), initialised where they match.
     """
     cfg = load_dit(teacher_dir).config
     model = build_dit(sample_size=cfg.sample_size, in_channels=cfg.in_channels,
-                      num_classes=cfg.num_embeds_ada_norm, patch_size=cfg.patch_size, num_layers=cfg.num_layers,
-                      num_attention_heads=cfg.num_attention_heads, attention_head_dim=cfg.attention_head_dim,
-                      learn_sigma=False, seed=seed)
+                      num_classes=cfg.num_embeds_ada_norm, patch_size=cfg.patch_size,
+                      num_layers=num_layers or cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+                      attention_head_dim=attention_head_dim or cfg.attention_head_dim, learn_sigma=False, seed=seed)
     copied = 0
     if init_from is not None:
         copied, _ = init_where_shapes_match(model, load_dit(init_from))
@@ -66,22 +71,31 @@ def train_velocity(ctx: StageContext, p: VelocityTrainParams, compute: ComputePa
 
 @torch.inference_mode()
 def evaluate_and_save(ctx: StageContext, p: VelocityTrainParams, result: TrainResult, eval_pairs: dict, *,
-                      meta: dict, vae_dir, kind: str) -> dict[str, float]:
-    """Errors vs the teacher on held-out pairs, a grid (teacher row, then 1, 2, 4, ... Euler steps), save."""
+                      meta: dict, vae_dir, kind: str, move_in: dict[str, Path] | None = None,
+                      sampler: Sampler = euler) -> dict[str, float]:
+    """Errors vs the teacher on held-out pairs, a grid (teacher row, then 1, 2, 4, ... Euler steps), save.
+
+    `move_in` maps names in the output directory to finished paths (e.g. generated pairs in the scratch
+    area) that become part of the output in the same atomic rename. `sampler` is the model's own way
+    of taking n steps (reflow.metrics.Sampler).
+    """
     model = result.ema.to("cpu").eval()
     null = meta["null_label"]
     field = velocity_field(model, eval_pairs["label"], null_label=null)
-    metrics = flow_errors(field, eval_pairs["z0"], eval_pairs["z1"], steps=p.eval_steps)
+    metrics = flow_errors(field, eval_pairs["z0"], eval_pairs["z1"], steps=p.eval_steps, sampler=sampler)
     vae = load_vae(vae_dir).eval()
     k = min(10, len(eval_pairs["z0"]))
     z0, y = eval_pairs["z0"][:k], eval_pairs["label"][:k]
-    rows = [eval_pairs["z1"][:k]] + [euler(velocity_field(model, y, null_label=null), z0, n).x for n in p.eval_steps]
+    rows = [eval_pairs["z1"][:k]] + [sampler(velocity_field(model, y, null_label=null), z0, n).x
+                                 for n in p.eval_steps]
     images = decode_latents(vae, torch.cat(rows), meta["scale_factor"]).numpy()
     out = ctx.out("model")
     with atomic_dir(out) as tmp:
         save_model(model, tmp / "transformer", meta={**meta, **ctx.attrs(), "kind": kind,
                                                     "objective": "rectified_flow_velocity", "metrics": metrics})
         save_grid(images, tmp / "grid.png", nrow=k)
+        for name, path in (move_in or {}).items():
+            os.replace(path, tmp / name)
     ctx.log_artifact(out / "grid.png", "samples")
     return {**metrics, "train_loss": result.last_loss, "images_per_s": result.images_per_s,
             "resumed_from_step": float(result.resumed_from)}

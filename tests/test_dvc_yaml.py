@@ -12,10 +12,12 @@ import pytest
 from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 
-from stages.params import SECTIONS
+from stages.params import SECTIONS, load_params
+from stages.spec import resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {s.name: s for s in Repo(str(ROOT)).index.stages}
+PARAMS = load_params(ROOT / "params.yaml")
 
 
 def module_spec(stage):
@@ -41,7 +43,7 @@ def test_stage_module_matches_dvc_yaml(name):
     assert params_sections(stage) == sorted(spec.params), "params sections differ"
     assert "tracking" not in params_sections(stage), "tracking changes no output and must not trigger reruns"
     data_deps = sorted(str(d.def_path) for d in file_deps(stage) if not str(d.def_path).endswith(".py"))
-    expected_deps = sorted("data" if v == "${data.path}" else v for v in spec.deps.values())
+    expected_deps = sorted(resolve_path(v, PARAMS) for v in spec.deps.values())
     assert data_deps == expected_deps
     outs = sorted(str(o.def_path) for o in stage.outs if not o.metric)
     assert outs == sorted(spec.outs.values())

@@ -22,7 +22,8 @@ from storage.tracking import path_tag, tag_path
 
 pytestmark = pytest.mark.e2e
 # Stages with an MLflow run; `validate` runs before them.
-STAGES = ["prepare", "vae", "extract", "dit", "teacher_pairs", "rf1", "reflow_pairs@2", "rf@2"]
+STAGES = ["prepare", "vae", "extract", "dit", "teacher_pairs", "rf1", "reflow_pairs@2", "seqrf_pairs", "rf@2", "seqrf",
+          "distill"]
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -71,6 +72,13 @@ def test_dvc_repro_produces_every_artifact(repo):
     assert len(set(pairs.load("seed").tolist())) == 48
     assert (repo / "artifacts/teacher_pairs/grid.png").stat().st_size > 0
     assert (repo / "artifacts/dit/config.json").is_file()
+    segments = open_dataset(repo / "artifacts/seqrf_pairs/pairs.zarr", kind="pairs", verify=True)
+    assert segments.attrs["boundaries"] == [0.0, 0.5, 1.0] and segments.attrs["from_model"] == "artifacts/rf1"
+    assert segments.load("segment").tolist() == [i % 2 for i in range(segments.n_rows)]
+    assert np.array_equal(segments.load("t_start"), np.where(segments.load("segment") == 0, 0.0, 0.5))
+    for model in ("rf1", "rf@2", "seqrf", "distill"):
+        assert (repo / f"artifacts/{model}/transformer/config.json").is_file()
+        assert (repo / f"artifacts/{model}/grid.png").stat().st_size > 0
     assert not list((repo / ".reflow" / "scratch").iterdir()), "scratch is cleared after success"
     status = dvc(repo, "status")
     assert "up to date" in status.stdout
@@ -109,22 +117,22 @@ def test_prefect_flow_skips_everything_then_reruns_only_what_changed(repo, prefe
     assert [o["stage"] for o in outcomes] == ["validate", *STAGES]
     assert {o["status"] for o in outcomes} == {"skipped_up_to_date"}
 
-    edit_params(repo, "teacher_pairs", "seed", 99)
+    edit_params(repo, "distill", "seed", 99)
     outcomes = pipeline(root=str(repo))
     status = {o["stage"]: o["status"] for o in outcomes}
-    rerun = ["validate", "teacher_pairs", "rf1", "reflow_pairs@2", "rf@2"]  # the changed stage and downstream
+    rerun = ["validate", "distill"]  # the changed stage (and its downstream: none)
     assert [s for s in status if status[s] == "executed"] == rerun
     assert {status[s] for s in status if s not in rerun} == {"skipped_up_to_date"}
 
     runs = mlflow_runs(repo)
-    child = next(r for r in runs if r.data.tags.get("reflow.stage") == "teacher_pairs"
+    child = next(r for r in runs if r.data.tags.get("reflow.stage") == "distill"
                  and "mlflow.parentRunId" in r.data.tags)
     parent = next(r for r in runs if r.info.run_id == child.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["reflow.kind"] == "pipeline"
     assert child.data.tags["reflow.pipeline_run_id"] == parent.data.tags["reflow.pipeline_run_id"]
     assert parent.data.tags["reflow.executed"] == ",".join(rerun)
-    pairs = open_dataset(repo / "artifacts/teacher_pairs/pairs.zarr", kind="pairs")
-    assert pairs.attrs["base_seed"] == 99
+    pairs = open_dataset(repo / "artifacts/distill/pairs.zarr", kind="pairs")
+    assert pairs.attrs["base_seed"] == 99 and pairs.attrs["source"] == "rf@2"
 
 
 def test_bad_params_touch_no_output(repo):

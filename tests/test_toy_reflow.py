@@ -120,3 +120,27 @@ def test_reflow_straightens_the_flow(models: Models) -> None:
     # Measured: straightness 1.0 -> 0.01 and one-step error 2.8 -> 0.26 across seeds.
     assert s2 < 0.1 * s1, (s1, s2)
     assert e2 < 0.25 * e1, (e1, e2)
+
+
+def test_distillation_beats_the_teachers_own_one_step_sample(models: Models) -> None:
+    """A one-step student `z0 + v(z0, 0)` fitted to 1-RF's pairs lands nearer 1-RF's ODE solution than 1-RF's
+    own single Euler step does (the objective of reflow.rectified.OneStepDistillObjective, on the toy MLP)."""
+    rf1, _, (z0_pairs, z1_pairs) = models
+    student = copy.deepcopy(rf1).train()
+    g = torch.Generator().manual_seed(5)
+    optimizer = torch.optim.Adam(student.parameters(), lr=2e-3)
+    for _ in range(800):
+        index = torch.randint(0, len(z0_pairs), (256,), generator=g)
+        z0, z1 = z0_pairs[index], z1_pairs[index]
+        loss = (z0 + student(z0, torch.zeros(len(z0))) - z1).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    student.eval()
+    z0 = per_sample_noise(sample_seeds(99, 0, 1024), (2,))
+    with torch.no_grad():
+        target = euler(field_of(rf1), z0, 64).x
+        teacher_one = (euler(field_of(rf1), z0, 1).x - target).norm(dim=1).mean().item()
+        student_one = (euler(field_of(student), z0, 1).x - target).norm(dim=1).mean().item()
+    # Measured: 2.87 -> 0.22.
+    assert student_one < 0.25 * teacher_one, (teacher_one, student_one)

@@ -1,0 +1,120 @@
+"""`seqrf_pairs`: segment endpoints for Sequential Rectified Flow, carried by the 1-RF flow.
+
+`[0, 1]` is cut into K segments, uniformly or adaptively (a dynamic program over a fine 1-RF
+trajectory picks the boundaries that leave each segment straightest, reflow/seqrf.py). Row i belongs
+to segment `i mod K` (every shard covers every segment). Its start point `x_start` at `t_start` is
+real data noised to that time (`noised_data`, as SeqRF does) or the 1-RF flow's own trajectory from
+the row's noise (`teacher_trajectory`); the 1-RF flow then carries it with Euler on the fine grid to
+`x_end` at `t_end`. Rows are seeded per sample, sharded and resumable like every coupling.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from reflow.flow import interpolate
+from reflow.models import load_dit
+from reflow.rectified import velocity_field
+from reflow.samplers import euler_on_grid, per_sample_noise, sample_seeds, time_grid
+from reflow.seqrf import adaptive_boundaries, uniform_boundaries
+from stages.common import StageContext, StageSpec, stage_main
+from stages.pairs import generate_pairs
+from stages.velocity import teacher_meta
+from storage.atomic import atomic_dir
+from storage.datasets import open_dataset
+
+SPEC = StageSpec(
+    name="seqrf_pairs",
+    params=("compute", "seqrf"),
+    deps={"model": "artifacts/rf1", "latents": "artifacts/extract", "teacher_pairs": "artifacts/teacher_pairs",
+          "dit": "artifacts/dit"},
+    outs={"pairs": "artifacts/seqrf_pairs"},
+    metrics="metrics/seqrf_pairs.json",
+)
+
+ADAPTIVE_PROBE = 64  # trajectories the boundary search averages over
+
+
+def boundary_indices(boundaries: list[float], teacher_steps: int) -> list[int]:
+    """Each boundary as an index into the fine grid `time_grid(0, 1, teacher_steps)`, strictly increasing.
+
+    Uniform boundaries that do not fall on the grid are moved to the nearest grid point, so every
+    segment is integrated on whole teacher steps; the recorded boundaries are the snapped ones.
+    """
+    idx = [round(b * teacher_steps) for b in boundaries]
+    if any(b >= a for a, b in zip(idx[1:], idx[:-1], strict=True)):
+        raise ValueError(f"boundaries {boundaries} collapse on a grid of {teacher_steps} steps; "
+                         "raise seqrf.teacher_steps or lower seqrf.segments")
+    return idx
+
+
+def run(ctx: StageContext) -> dict:
+    p, compute = ctx.params.seqrf, ctx.params.compute
+    device = "cuda" if compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+    meta = teacher_meta(ctx.dep("teacher_pairs"), ctx.dep("dit"))
+    shape, null, k = tuple(meta["latent_shape"]), meta["null_label"], p.segments
+    model = load_dit(ctx.dep("model") / "transformer").to(device).eval()
+    latents = open_dataset(ctx.dep("latents") / "latents.zarr", kind="latents")
+    real_z1, real_y = latents.load("z1"), latents.load("labels").astype(np.int64)
+    grid = time_grid(0.0, 1.0, p.teacher_steps)
+
+    def flow(y: np.ndarray) -> object:
+        return velocity_field(model, torch.from_numpy(y).to(device), null_label=null)
+
+    if p.boundaries == "uniform":
+        boundaries = uniform_boundaries(k)
+    else:  # the fine 1-RF trajectory of a probe batch, from seeds no pair row uses
+        with torch.inference_mode():
+            y = np.arange(ADAPTIVE_PROBE, dtype=np.int64) % meta["num_classes"]
+            z0 = per_sample_noise(sample_seeds(p.seed + 1, 0, ADAPTIVE_PROBE), shape).to(device)
+            traj = euler_on_grid(flow(y), z0, grid, return_trajectory=True).trajectory
+        boundaries = adaptive_boundaries(torch.stack([x.float().cpu() for _, x in traj]),
+                                         torch.tensor(grid, dtype=torch.float64), k)
+    idx = boundary_indices(boundaries, p.teacher_steps)
+    boundaries = [grid[i] for i in idx]
+    print(f"seqrf boundaries ({p.boundaries}): {[round(b, 4) for b in boundaries]}")
+
+    @torch.inference_mode()
+    def make_batch(start: int, stop: int) -> dict[str, np.ndarray]:
+        seeds = sample_seeds(p.seed, start, stop)
+        rows = np.arange(start, stop)
+        segment = rows % k
+        y = rows.astype(np.int64) % meta["num_classes"]
+        z0 = per_sample_noise(seeds, shape)
+        x_start, x_end = torch.empty_like(z0), torch.empty_like(z0)
+        for s in np.unique(segment):  # one integration per segment present in the batch
+            sel = np.flatnonzero(segment == s)
+            i, j = idx[s], idx[s + 1]
+            if p.start == "noised_data":
+                data = torch.from_numpy(real_z1[rows[sel] % len(real_z1)])
+                y[sel] = real_y[rows[sel] % len(real_z1)]
+                x = interpolate(z0[sel], data, grid[i]).to(device)
+            else:
+                x = euler_on_grid(flow(y[sel]), z0[sel].to(device), grid[: i + 1]).x
+            x_start[sel] = x.float().cpu()
+            x_end[sel] = euler_on_grid(flow(y[sel]), x, grid[i : j + 1]).x.float().cpu()
+        b = np.asarray(boundaries, dtype=np.float32)
+        return {"x_start": x_start.numpy(), "x_end": x_end.numpy(), "t_start": b[segment], "t_end": b[segment + 1],
+                "segment": segment.astype(np.int64), "label": y, "seed": np.asarray(seeds, dtype=np.int64)}
+
+    attrs = {"from_model": "artifacts/rf1", "segments": k, "boundaries": boundaries, "boundary_rule": p.boundaries,
+             "start": p.start, "teacher_steps": p.teacher_steps, "solver": "euler", "base_seed": p.seed, **meta}
+    with atomic_dir(ctx.out("pairs")) as tmp:
+        stats = generate_pairs(
+            ctx, final=tmp / "pairs.zarr", n_rows=p.num_samples, shard_rows=p.shard_size,
+            batch_size=p.pairs_batch_size, attrs=attrs, make_batch=make_batch, desc="seqrf_pairs",
+            schema={"x_start": (shape, "float32"), "x_end": (shape, "float32"), "t_start": ((), "float32"),
+                    "t_end": ((), "float32"), "segment": ((), "int64"), "label": ((), "int64"),
+                    "seed": ((), "int64")})
+    return {**stats, **{f"boundary_{i}": float(b) for i, b in enumerate(boundaries)}}
+
+
+def main() -> int:
+    return stage_main(SPEC, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

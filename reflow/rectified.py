@@ -9,6 +9,7 @@ going 1 -> 0 over a warm-up) and mirrored pairs are options.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -57,38 +58,51 @@ class RectifiedFlowObjective:
 
 
 class OneStepDistillObjective:
-    """A one-step student: `z0 + v(z0, 0)` should land on the source model's `z1` (InstaFlow, SlimFlow)."""
+    """A one-step student: `z0 + v(z0, 0)` should land on the source model's `z1` (InstaFlow, SlimFlow).
 
-    def __init__(self, *, null_label: int, label_dropout: float = 0.0,
-                 loss: Literal["mse", "pseudo_huber"] = "mse"):
+    `perceptual(prediction, z1)`, when given, is added with `perceptual_weight` (LPIPS on decoded images).
+    """
+
+    def __init__(self, *, null_label: int, label_dropout: float = 0.0, loss: Literal["mse", "pseudo_huber"] = "mse",
+                 perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 perceptual_weight: float = 1.0):
         self.null_label, self.label_dropout, self.loss = null_label, label_dropout, loss
+        self.perceptual, self.perceptual_weight = perceptual, perceptual_weight
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int):
         z0, z1 = batch["z0"], batch["z1"]
         y = drop_labels(batch["label"], self.label_dropout, self.null_label, generator)
         prediction = z0 + dit_velocity(model, z0, torch.zeros(len(z0), device=z0.device, dtype=z0.dtype), y)
-        return mse(prediction, z1) if self.loss == "mse" else pseudo_huber(prediction, z1)
+        value = mse(prediction, z1) if self.loss == "mse" else pseudo_huber(prediction, z1)
+        if self.perceptual is not None:
+            value = value + self.perceptual_weight * self.perceptual(prediction, z1)
+        return value
 
 
 class SegmentObjective:
     """SeqRF: inside a stored segment `[t_start, t_end]`, regress the chord slope (METHOD.md, seqrf).
 
     The batch holds `x_start`, `x_end` (the teacher flow carried from one to the other), `t_start`,
-    `t_end` and `label`; `u` is drawn from the time distribution and mapped into the segment.
+    `t_end` and `label`; `u` is drawn from the time distribution and mapped into the segment. With
+    `one_step`, `u = 0`: the model learns the single Euler step across the segment from its start
+    (SeqRF's per-segment distillation).
     """
 
     def __init__(self, *, null_label: int, label_dropout: float = 0.1,
                  time_distribution: Literal["uniform", "logit_normal"] = "uniform", time_eps: float = 1e-3,
-                 loss: Literal["mse", "pseudo_huber"] = "mse"):
+                 loss: Literal["mse", "pseudo_huber"] = "mse", one_step: bool = False):
         self.null_label, self.label_dropout, self.loss = null_label, label_dropout, loss
-        self.time_distribution, self.time_eps = time_distribution, time_eps
+        self.time_distribution, self.time_eps, self.one_step = time_distribution, time_eps, one_step
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int):
         x_start, x_end = batch["x_start"], batch["x_end"]
         y = drop_labels(batch["label"], self.label_dropout, self.null_label, generator)
         # u in [0, 1 - eps]: the segment's start point is always seen, its end (the next segment's start) never.
-        u = 1 - sample_time(len(x_start), distribution=self.time_distribution, eps=self.time_eps,
-                            generator=generator, device=x_start.device)
+        if self.one_step:
+            u = torch.zeros(len(x_start), device=x_start.device)
+        else:
+            u = 1 - sample_time(len(x_start), distribution=self.time_distribution, eps=self.time_eps,
+                                generator=generator, device=x_start.device)
         x_u, t, target = segment_train_example(x_start, x_end, batch["t_start"], batch["t_end"], u)
         velocity = dit_velocity(model, x_u, t.to(x_u.dtype), y)
         return mse(velocity, target) if self.loss == "mse" else pseudo_huber(velocity, target)

@@ -6,9 +6,10 @@ the other way). Boundaries are `t_0 = 0 < t_1 < ... < t_K = 1`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import overload
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -124,3 +125,43 @@ def seqrf_sample(
     for t_i, t_j in zip(boundaries[:-1], boundaries[1:], strict=True):
         times += time_grid(t_i, t_j, steps_per_segment)[1:]
     return euler_on_grid(field, z0, times, return_trajectory=return_trajectory)
+
+
+def seqrf_sampler(boundaries: Sequence[float]) -> Callable[[Field, Tensor, int], SampleResult]:
+    """`(field, z0, n) -> sample` with `n / K` Euler steps per segment; `n` must be a multiple of K."""
+    k = len(boundaries) - 1
+
+    def sample(field: Field, z0: Tensor, n: int) -> SampleResult:
+        if n % k:
+            raise ValueError(f"a model with {k} segments samples with a multiple of {k} steps, not {n}")
+        return seqrf_sample(field, z0, boundaries, steps_per_segment=n // k)
+
+    return sample
+
+
+def segment_endpoints(
+    field_for: Callable[[np.ndarray], Field],
+    z0: Tensor,
+    segment: np.ndarray,
+    segment_times: Sequence[Sequence[float]],
+    x_start: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`(x_start, x_end)` of each row's segment, carried by a flow with Euler on `segment_times`.
+
+    `segment_times[s]` are the Euler times through segment `s` (from `t_s` to `t_{s+1}`); `field_for(rows)`
+    is the flow for those rows (their labels). Row r's start is `x_start[r]` when given (real data noised
+    to `t_s`), otherwise the flow's own trajectory from `z0[r]` through the segments before its own.
+    Rows of one segment are integrated together.
+    """
+    starts = torch.empty_like(z0) if x_start is None else x_start.clone()
+    ends = torch.empty_like(z0)
+    for s in np.unique(segment):
+        rows = np.flatnonzero(segment == s)
+        field = field_for(rows)
+        x = z0[rows] if x_start is None else x_start[rows]
+        if x_start is None:
+            for earlier in range(int(s)):
+                x = euler_on_grid(field, x, segment_times[earlier]).x
+            starts[rows] = x.to(starts.dtype)
+        ends[rows] = euler_on_grid(field, x, segment_times[int(s)]).x.to(ends.dtype)
+    return starts, ends

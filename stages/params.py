@@ -210,7 +210,11 @@ class SeqRFParams(VelocityTrainParams):
 
 
 class DistillParams(VelocityTrainParams):
-    """A one-step student z0 -> z0 + v(z0, 0) from the pairs of a chosen model (METHOD.md, distill)."""
+    """A one-step student z0 -> z0 + v(z0, 0) from the pairs of a chosen model (METHOD.md, distill).
+
+    With `per_segment` (source `seqrf` only) the student takes one step per SeqRF segment instead:
+    x_{t_i} -> x_{t_i} + (t_j - t_i) v(x_{t_i}, t_i) fitted to the source's own x_{t_j} (SeqRF's distillation).
+    """
 
     source: str = "rf@2"  # the model whose pairs are distilled: rf1, rf@k or seqrf (the straightest)
     student_num_layers: int | None = Field(None, gt=0)  # None: the teacher's depth; smaller = SlimFlow-style
@@ -219,6 +223,25 @@ class DistillParams(VelocityTrainParams):
     solver_steps: int = Field(32, gt=0)  # Euler steps of the source model to make the pairs
     num_samples: int = Field(1024, gt=0)
     seed: int = 1357
+    per_segment: bool = False  # seqrf source: one step per segment instead of one step in all
+    # LPIPS on decoded images, added to `loss` when both local weight files are given (nothing is downloaded):
+    lpips_backbone: str | None = None  # torchvision vgg16 / alexnet state dict
+    lpips_lin: str | None = None  # the LPIPS linear heads (lin{k}.model.1.weight)
+    lpips_net: Literal["vgg", "alex"] = "vgg"
+    lpips_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillParams:
+        if (self.lpips_backbone is None) != (self.lpips_lin is None):
+            raise ValueError("distill.lpips_backbone and distill.lpips_lin go together: give both weight files "
+                             "for an LPIPS term, or neither")
+        if self.per_segment and self.source != "seqrf":
+            raise ValueError(f"distill.per_segment needs distill.source: seqrf (got {self.source!r}); "
+                             "other sources are distilled to one step in all")
+        if self.per_segment and self.lpips_backbone is not None:
+            raise ValueError("distill.lpips_* applies to one-step students (decoded images); per-segment "
+                             "students end segments at noisy latents: set distill.per_segment: false or drop LPIPS")
+        return self
 
 
 class Params(Strict):
@@ -250,6 +273,10 @@ class Params(Strict):
         if self.distill.source not in models:
             raise ValueError(f"distill.source={self.distill.source!r} is not a model of this pipeline; expected "
                              f"one of {models}")
+        uneven = [n for n in self.distill.eval_steps if n % self.seqrf.segments]
+        if self.distill.per_segment and uneven:
+            raise ValueError(f"distill.eval_steps {uneven} are not multiples of seqrf.segments={self.seqrf.segments}:"
+                             " a per-segment student takes a whole number of steps per segment")
         return self
 
     def section(self, name: str) -> Any:

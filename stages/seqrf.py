@@ -14,8 +14,7 @@ import sys
 import torch
 
 from reflow.rectified import SegmentObjective
-from reflow.samplers import Field
-from reflow.seqrf import seqrf_sample
+from reflow.seqrf import seqrf_sampler
 from stages.common import StageContext, StageSpec, stage_main
 from stages.velocity import evaluate_and_save, load_pairs, split_eval, teacher_meta, train_velocity, velocity_model_like
 from storage.datasets import open_dataset
@@ -35,7 +34,6 @@ def run(ctx: StageContext) -> dict:
     meta = teacher_meta(ctx.dep("teacher_pairs"), ctx.dep("dit"))
     pairs = open_dataset(ctx.dep("pairs") / "pairs.zarr", kind="pairs")
     boundaries = [float(b) for b in pairs.attrs["boundaries"]]
-    k = len(boundaries) - 1
     data = {name: torch.from_numpy(pairs.load(name)) for name in ("x_start", "x_end", "t_start", "t_end")}
     data["label"] = torch.from_numpy(pairs.load("label")).long()
     _, eval_pairs = split_eval(load_pairs(ctx.dep("teacher_pairs") / "pairs.zarr"), p.eval_samples)
@@ -43,16 +41,11 @@ def run(ctx: StageContext) -> dict:
     objective = SegmentObjective(null_label=meta["null_label"], label_dropout=p.label_dropout,
                                  time_distribution=p.time_distribution, time_eps=p.time_eps, loss=p.loss)
     result = train_velocity(ctx, p, compute, model, data, objective, desc="seqrf")
-
-    def sampler(field: Field, z0: torch.Tensor, n: int):
-        if n % k:
-            raise ValueError(f"SeqRF with {k} segments samples with a multiple of {k} steps, not {n}")
-        return seqrf_sample(field, z0, boundaries, steps_per_segment=n // k)
-
-    metrics = evaluate_and_save(ctx, p, result, eval_pairs, vae_dir=ctx.dep("vae"), kind="seqrf", sampler=sampler,
-                                meta={**meta, "segments": k, "boundaries": boundaries,
-                                      "boundary_rule": pairs.attrs["boundary_rule"], "start": pairs.attrs["start"]})
-    return {**metrics, "segments": float(k), "tensors_from_1rf": float(copied)}
+    meta = {**meta, "segments": len(boundaries) - 1, "boundaries": boundaries,
+            "boundary_rule": pairs.attrs["boundary_rule"], "start": pairs.attrs["start"]}
+    metrics = evaluate_and_save(ctx, p, result, eval_pairs, vae_dir=ctx.dep("vae"), kind="seqrf",
+                                sampler=seqrf_sampler(boundaries), meta=meta)
+    return {**metrics, "segments": float(len(boundaries) - 1), "tensors_from_1rf": float(copied)}
 
 
 def main() -> int:

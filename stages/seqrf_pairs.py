@@ -19,7 +19,7 @@ from reflow.flow import interpolate
 from reflow.models import load_dit
 from reflow.rectified import velocity_field
 from reflow.samplers import euler_on_grid, per_sample_noise, sample_seeds, time_grid
-from reflow.seqrf import adaptive_boundaries, uniform_boundaries
+from reflow.seqrf import adaptive_boundaries, segment_endpoints, uniform_boundaries
 from stages.common import StageContext, StageSpec, stage_main
 from stages.pairs import generate_pairs
 from stages.velocity import teacher_meta
@@ -77,28 +77,26 @@ def run(ctx: StageContext) -> dict:
     boundaries = [grid[i] for i in idx]
     print(f"seqrf boundaries ({p.boundaries}): {[round(b, 4) for b in boundaries]}")
 
+    segment_times = [grid[i : j + 1] for i, j in zip(idx[:-1], idx[1:], strict=True)]
+
     @torch.inference_mode()
     def make_batch(start: int, stop: int) -> dict[str, np.ndarray]:
         seeds = sample_seeds(p.seed, start, stop)
         rows = np.arange(start, stop)
         segment = rows % k
-        y = rows.astype(np.int64) % meta["num_classes"]
         z0 = per_sample_noise(seeds, shape)
-        x_start, x_end = torch.empty_like(z0), torch.empty_like(z0)
-        for s in np.unique(segment):  # one integration per segment present in the batch
-            sel = np.flatnonzero(segment == s)
-            i, j = idx[s], idx[s + 1]
-            if p.start == "noised_data":
-                data = torch.from_numpy(real_z1[rows[sel] % len(real_z1)])
-                y[sel] = real_y[rows[sel] % len(real_z1)]
-                x = interpolate(z0[sel], data, grid[i]).to(device)
-            else:
-                x = euler_on_grid(flow(y[sel]), z0[sel].to(device), grid[: i + 1]).x
-            x_start[sel] = x.float().cpu()
-            x_end[sel] = euler_on_grid(flow(y[sel]), x, grid[i : j + 1]).x.float().cpu()
+        if p.start == "noised_data":  # real latents (and their labels), cycled when more rows are asked for
+            y = real_y[rows % len(real_z1)]
+            data = torch.from_numpy(real_z1[rows % len(real_z1)])
+            t = torch.tensor([boundaries[s] for s in segment], dtype=torch.float32)
+            x_start = interpolate(z0, data, t).to(device)
+        else:
+            y, x_start = rows.astype(np.int64) % meta["num_classes"], None
+        x_start, x_end = segment_endpoints(lambda sel: flow(y[sel]), z0.to(device), segment, segment_times, x_start)
         b = np.asarray(boundaries, dtype=np.float32)
-        return {"x_start": x_start.numpy(), "x_end": x_end.numpy(), "t_start": b[segment], "t_end": b[segment + 1],
-                "segment": segment.astype(np.int64), "label": y, "seed": np.asarray(seeds, dtype=np.int64)}
+        return {"x_start": x_start.float().cpu().numpy(), "x_end": x_end.float().cpu().numpy(),
+                "t_start": b[segment], "t_end": b[segment + 1], "segment": segment.astype(np.int64), "label": y,
+                "seed": np.asarray(seeds, dtype=np.int64)}
 
     attrs = {"from_model": "artifacts/rf1", "segments": k, "boundaries": boundaries, "boundary_rule": p.boundaries,
              "start": p.start, "teacher_steps": p.teacher_steps, "solver": "euler", "base_seed": p.seed, **meta}

@@ -83,6 +83,26 @@ def test_vae_group_norm_cross_check():
         parse_params(raw)
 
 
+@pytest.mark.parametrize(
+    ("edits", "expected"),
+    [
+        ({"seqrf": {"segments": 3}}, "seqrf.eval_steps [4, 8] are not multiples of seqrf.segments=3"),
+        ({"seqrf": {"segments": 128}}, "larger than seqrf.teacher_steps"),
+        ({"distill": {"source": "rf@7"}}, "distill.source='rf@7' is not a model of this pipeline"),
+        ({"distill": {"per_segment": True}}, "distill.per_segment needs distill.source: seqrf"),
+        ({"distill": {"source": "seqrf", "per_segment": True, "eval_steps": [2]}}, "not multiples of seqrf.segments"),
+        ({"distill": {"lpips_backbone": "vgg16.pth"}}, "lpips_backbone and distill.lpips_lin go together"),
+    ],
+)
+def test_cross_checks_of_the_flow_stages(edits, expected):
+    raw = raw_defaults()
+    for section, values in edits.items():
+        raw[section].update(values)
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert expected in str(err.value)
+
+
 def test_unreadable_files_name_the_path(tmp_path):
     with pytest.raises(ParamsError, match="cannot read"):
         load_params(tmp_path / "missing.yaml")

@@ -2,12 +2,14 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
-from reflow.samplers import Field
+from reflow.samplers import Field, time_grid
 from reflow.seqrf import (
     adaptive_boundaries,
+    segment_endpoints,
     segment_of,
     segment_train_example,
     seqrf_sample,
@@ -124,3 +126,22 @@ def test_seqrf_sample_lands_on_the_end_point_with_one_evaluation_per_segment() -
     finer = seqrf_sample(Field(velocity), points[0], KINKS, steps_per_segment=4)
     torch.testing.assert_close(finer.x, points[-1])
     assert finer.nfe == 12
+
+
+def test_segment_endpoints_carry_each_row_through_its_own_segment() -> None:
+    """On a constant field v, x_end = x_start + (t_end - t_start) v; starts follow the flow or are given."""
+    v = torch.tensor([1.0, -2.0])
+    field_for = lambda rows: Field(lambda x, t: v.expand_as(x))  # noqa: E731
+    boundaries = [0.0, 0.25, 1.0]
+    times = [time_grid(0.0, 0.25, 2), time_grid(0.25, 1.0, 3)]
+    z0 = torch.zeros(4, 2)
+    segment = np.array([0, 1, 0, 1])
+    x_start, x_end = segment_endpoints(field_for, z0, segment, times)
+    torch.testing.assert_close(x_start[1], 0.25 * v)  # the flow's own trajectory up to t = 0.25
+    torch.testing.assert_close(x_start[0], z0[0])
+    widths = torch.tensor([boundaries[s + 1] - boundaries[s] for s in segment])[:, None]
+    torch.testing.assert_close(x_end, x_start + widths * v)
+    given = torch.full((4, 2), 5.0)
+    x_start, x_end = segment_endpoints(field_for, z0, segment, times, x_start=given)
+    torch.testing.assert_close(x_start, given)
+    torch.testing.assert_close(x_end, given + widths * v)

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML, YAMLError
 
 
 class Strict(BaseModel):
@@ -328,8 +328,10 @@ def load_params(path: str | Path) -> Params:
     except OSError as exc:
         raise ParamsError(path, [f"cannot read the file: {exc.strerror}"]) from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        # YAML 1.2, the dialect DVC writes back with `dvc exp run -S`: it drops the quotes around "no",
+        # which a YAML 1.1 reader (PyYAML) would turn into False.
+        raw = YAML(typ="safe", pure=True).load(text)
+    except YAMLError as exc:
         raise ParamsError(path, [f"not valid YAML: {exc}"]) from None
     return parse_params(raw, path)
 

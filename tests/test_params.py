@@ -115,6 +115,21 @@ def test_unreadable_files_name_the_path(tmp_path):
         load_params(bad)
 
 
+def test_params_rewritten_by_dvc_exp_run_set_still_validate(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml through DVC's own YAML writer, which drops the quotes around
+    "no"; the file it leaves must load to the same values."""
+    from dvc.utils.serialize import modify_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    with modify_yaml(path) as data:
+        data["rf1"]["coupling"] = "independent"
+    assert '"no"' not in path.read_text()
+    params = load_params(path)
+    assert params.compute.mixed_precision == "no"
+    assert params.rf1.coupling == "independent"
+
+
 def test_view_refuses_undeclared_sections():
     view = ParamsView(load_params(ROOT / "params.yaml"), ["compute", "dit"])
     assert view.dit.steps > 0

@@ -113,6 +113,9 @@ def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]]) -
             "status": "executed"}
     if os.environ.get(tracking.ENV_PIPELINE_RUN):
         tags["pipeline_run_id"] = os.environ[tracking.ENV_PIPELINE_RUN]
+    for tag, var in (("dvc_exp_name", "DVC_EXP_NAME"), ("dvc_exp_baseline", "DVC_EXP_BASELINE_REV")):
+        if os.environ.get(var):  # set by `dvc exp run`: the experiment this run belongs to
+            tags[tag] = os.environ[var]
     try:
         with tracking.stage_run(stage=spec.name, scratch=ctx.scratch, params=ctx.params.as_dict(),
                                 tags=tags, inputs=ctx.inputs):

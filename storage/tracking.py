@@ -2,6 +2,7 @@
 
 Tag scheme (every key is under `reflow.`):
   stage, pipeline_run_id, git_commit, git_dirty, params_hash,
+  dvc_exp_name, dvc_exp_baseline (when the stage ran inside `dvc exp run`),
   input.<dvc path> = DVC hash of that dependency, output.<dvc path> = DVC hash of that output
   ('@' in a path is written ':', which MLflow allows in keys),
   status = executed | restored_from_run_cache | skipped_up_to_date (set by the pipeline driver).
@@ -37,8 +38,14 @@ def tag_path(key: str, kind: str) -> str | None:
 
 
 def tracking_uri(uri: str | None, root: Path) -> str:
-    """The configured URI, or an absolute sqlite file in the repo root (stages run in DVC's cwd)."""
-    return uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    """The configured URI, or an absolute sqlite file in the workspace root.
+
+    `dvc exp run --temp` and queued experiments run stages in a throwaway copy of the repo and name the
+    real workspace in DVC_ROOT; the default store lives there, so experiment runs sit next to the
+    workspace's and outlive the copy.
+    """
+    home = Path(os.environ.get("DVC_ROOT") or root)
+    return uri or f"sqlite:///{(home / 'mlflow.db').resolve()}"
 
 
 def configure(uri: str | None, experiment: str, root: Path) -> str:

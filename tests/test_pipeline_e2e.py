@@ -167,6 +167,22 @@ def test_reflow_run_command_on_an_up_to_date_repo(repo):
     assert "DVC found it up to date" in out
 
 
+def test_dvc_exp_run_lands_in_the_workspace_mlflow_store(repo):
+    """`dvc exp run --temp -S` runs the stages in a throwaway copy of the repo and rewrites params.yaml with
+    DVC's YAML writer; the run must still validate and its MLflow run must land in the workspace's store."""
+    for args in (["add", "-A"], ["commit", "-qm", "reproduced"]):
+        subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args], cwd=repo,
+                       check=True, capture_output=True)
+    res = dvc(repo, "exp", "run", "--temp", "-n", "seed7", "-S", "distill.seed=7", "distill")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Running stage 'distill'" in res.stdout and "Running stage 'rf1'" not in res.stdout
+    runs = [r for r in mlflow_runs(repo) if r.data.tags.get("reflow.dvc_exp_name") == "seed7"]
+    assert [r.data.tags["reflow.stage"] for r in runs] == ["distill"]
+    assert runs[0].data.params["distill.seed"] == "7" and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["reflow.dvc_exp_baseline"] == subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+
 def test_teacher_pairs_killed_mid_way_resume_to_identical_pairs(repo):
     edit_params(repo, "teacher_pairs", "ddim_steps", 100)  # slow enough to be killed between shards
     edit_params(repo, "teacher_pairs", "num_samples", 80)

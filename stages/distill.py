@@ -21,7 +21,7 @@ from reflow.models import load_dit, load_vae
 from reflow.rectified import OneStepDistillObjective, SegmentObjective, velocity_field
 from reflow.samplers import euler, per_sample_noise, sample_seeds, time_grid
 from reflow.seqrf import segment_endpoints, seqrf_sample, seqrf_sampler
-from stages.common import StageContext, StageSpec, stage_main
+from stages.common import StageContext, StageSpec, generation_device, stage_main
 from stages.pairs import generate_pairs
 from stages.velocity import evaluate_and_save, load_pairs, split_eval, teacher_meta, train_velocity, velocity_model_like
 from storage.checkpoints import read_meta
@@ -104,7 +104,7 @@ def lpips_on_decoded(ctx: StageContext, meta: dict, device: str):
 
 def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.distill, ctx.params.compute
-    device = "cuda" if compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = generation_device(compute)
     meta = teacher_meta(ctx.dep("teacher_pairs"), ctx.dep("dit"))
     source_dir = ctx.dep("source") / "transformer"
     # The pairs are finished in the scratch area, so a kill during training never regenerates them.

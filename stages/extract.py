@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reflow.models import images_to_unit, load_vae
-from stages.common import StageContext, StageSpec, stage_main
+from stages.common import StageContext, StageSpec, generation_device, stage_main
 from storage.atomic import atomic_dir
 from storage.datasets import open_dataset, write_dataset
 
@@ -47,7 +47,7 @@ def run(ctx: StageContext) -> dict:
     train = open_dataset(ctx.dep("data") / "train.zarr", kind="images")
     images = torch.from_numpy(train.load("images"))
     labels = train.load("labels")
-    device = "cuda" if compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = generation_device(compute)
     vae = load_vae(ctx.dep("vae")).to(device).eval()
     kw = {"batch_size": p.batch_size, "posterior": p.posterior, "seed": compute.seed}
     z1 = encode(vae, images, desc="latents", **kw)

@@ -16,7 +16,7 @@ import torch
 from reflow.models import load_dit
 from reflow.rectified import velocity_field
 from reflow.samplers import per_sample_noise, sample_seeds, solve
-from stages.common import StageContext, StageSpec, stage_main
+from stages.common import StageContext, StageSpec, generation_device, stage_main
 from stages.pairs import generate_pairs
 from stages.velocity import teacher_meta
 from storage.atomic import atomic_dir
@@ -41,7 +41,7 @@ def spec(k: int | str) -> StageSpec:
 
 def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.reflow, ctx.params.compute
-    device = "cuda" if compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = generation_device(compute)
     meta = teacher_meta(ctx.dep("teacher_pairs"), ctx.dep("dit"))
     shape, null = tuple(meta["latent_shape"]), meta["null_label"]
     model = load_dit(ctx.dep("model") / "transformer").to(device).eval()

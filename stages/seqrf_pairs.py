@@ -20,7 +20,7 @@ from reflow.models import load_dit
 from reflow.rectified import velocity_field
 from reflow.samplers import euler_on_grid, per_sample_noise, sample_seeds, time_grid
 from reflow.seqrf import adaptive_boundaries, segment_endpoints, uniform_boundaries
-from stages.common import StageContext, StageSpec, stage_main
+from stages.common import StageContext, StageSpec, generation_device, stage_main
 from stages.pairs import generate_pairs
 from stages.velocity import teacher_meta
 from storage.atomic import atomic_dir
@@ -53,7 +53,7 @@ def boundary_indices(boundaries: list[float], teacher_steps: int) -> list[int]:
 
 def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.seqrf, ctx.params.compute
-    device = "cuda" if compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = generation_device(compute)
     meta = teacher_meta(ctx.dep("teacher_pairs"), ctx.dep("dit"))
     shape, null, k = tuple(meta["latent_shape"]), meta["null_label"], p.segments
     model = load_dit(ctx.dep("model") / "transformer").to(device).eval()

@@ -17,7 +17,7 @@ import torch
 from reflow.data import save_grid
 from reflow.models import decode_latents, dit_epsilon, load_dit, load_vae
 from reflow.samplers import ddim, guided, per_sample_noise, sample_seeds
-from stages.common import StageContext, StageSpec, stage_main
+from stages.common import StageContext, StageSpec, generation_device, stage_main
 from stages.pairs import generate_pairs
 from storage.atomic import atomic_dir
 from storage.checkpoints import read_meta
@@ -52,7 +52,7 @@ def generate(model, meta: dict, seeds: list[int], labels: np.ndarray, *, steps: 
 
 def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.teacher_pairs, ctx.params.compute
-    device = "cuda" if compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = generation_device(compute)
     meta = read_meta(ctx.dep("dit"))
     model = load_dit(ctx.dep("dit")).to(device).eval()
     vae = load_vae(ctx.dep("vae")).to(device).eval()  # loaded up front: fail before generating, not after

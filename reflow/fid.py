@@ -61,21 +61,22 @@ def classifier_loss(model: nn.Module, batch: dict[str, torch.Tensor], generator:
 
 
 @torch.inference_mode()
+def _outputs(net: FeatureNet, images: torch.Tensor | np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, logits) of uint8 images, batched, on the CPU."""
+    images = torch.as_tensor(images)
+    device = next(net.parameters()).device
+    outs = [net(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
+    return torch.cat([f.cpu() for f, _ in outs]), torch.cat([logits.cpu() for _, logits in outs])
+
+
 def classify(net: FeatureNet, images: torch.Tensor | np.ndarray, batch_size: int = 512) -> torch.Tensor:
     """Predicted class of each uint8 image."""
-    images = torch.as_tensor(images)
-    device = next(net.parameters()).device
-    return torch.cat([net(images[i : i + batch_size].to(device))[1].argmax(1).cpu()
-                      for i in range(0, len(images), batch_size)])
+    return _outputs(net, images, batch_size)[1].argmax(1)
 
 
-@torch.inference_mode()
 def extract_features(net: FeatureNet, images: torch.Tensor | np.ndarray, batch_size: int = 512) -> np.ndarray:
     """The FID features of uint8 images, float64 (what torch-fidelity computes its statistics from)."""
-    images = torch.as_tensor(images)
-    device = next(net.parameters()).device
-    return torch.cat([net(images[i : i + batch_size].to(device))[0].cpu()
-                      for i in range(0, len(images), batch_size)]).double().numpy()
+    return _outputs(net, images, batch_size)[0].double().numpy()
 
 
 # ---------------------------------------------------------------------------------------------------------

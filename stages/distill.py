@@ -22,7 +22,7 @@ from reflow.rectified import OneStepDistillObjective, SegmentObjective, velocity
 from reflow.samplers import euler, per_sample_noise, sample_seeds, time_grid
 from reflow.seqrf import segment_endpoints, seqrf_sample, seqrf_sampler
 from stages.common import StageContext, StageSpec, generation_device, stage_main
-from stages.pairs import generate_pairs
+from stages.pairs import generate_pairs, segment_rows, segment_schema
 from stages.velocity import evaluate_and_save, load_pairs, split_eval, teacher_meta, train_velocity, velocity_model_like
 from storage.checkpoints import read_meta
 from storage.datasets import open_dataset
@@ -60,19 +60,13 @@ def make_pairs(ctx: StageContext, meta: dict, source_dir, device: str) -> dict[s
         if p.per_segment:
             segment = np.arange(start, stop) % k
             x_start, x_end = segment_endpoints(field_for, z0, segment, segment_times)
-            b = np.asarray(boundaries, dtype=np.float32)
-            return {**rows, "x_start": x_start.float().cpu().numpy(), "x_end": x_end.float().cpu().numpy(),
-                    "t_start": b[segment], "t_end": b[segment + 1], "segment": segment.astype(np.int64)}
+            return {**rows, **segment_rows(x_start, x_end, segment, boundaries)}
         everyone = np.arange(len(y))
         z1 = (euler(field_for(everyone), z0, p.solver_steps) if boundaries is None else
               seqrf_sample(field_for(everyone), z0, boundaries, steps_per_segment=per_segment_steps))
         return {**rows, "z0": z0.float().cpu().numpy(), "z1": z1.x.float().cpu().numpy()}
 
-    if p.per_segment:
-        schema = {"x_start": (shape, "float32"), "x_end": (shape, "float32"), "t_start": ((), "float32"),
-                  "t_end": ((), "float32"), "segment": ((), "int64")}
-    else:
-        schema = {"z0": (shape, "float32"), "z1": (shape, "float32")}
+    schema = segment_schema(shape) if p.per_segment else {"z0": (shape, "float32"), "z1": (shape, "float32")}
     schema |= {"label": ((), "int64"), "seed": ((), "int64")}
     attrs = {"source": p.source, "solver": "euler", "solver_steps": p.solver_steps, "per_segment": p.per_segment,
              "base_seed": p.seed, **({"boundaries": boundaries} if boundaries else {}), **meta}
@@ -123,7 +117,6 @@ def run(ctx: StageContext) -> dict:
         boundaries = [float(b) for b in pairs.attrs["boundaries"]]
         objective = SegmentObjective(null_label=meta["null_label"], label_dropout=p.label_dropout, loss=p.loss,
                                      one_step=True)
-
         sampler = seqrf_sampler(boundaries)  # the student's own schedule: a whole number of steps per segment
         extra = {"boundaries": boundaries}
     else:

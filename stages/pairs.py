@@ -21,6 +21,19 @@ Schema = dict[str, tuple[tuple[int, ...], str]]
 BatchFn = Callable[[int, int], dict[str, np.ndarray]]
 
 
+def segment_schema(shape: tuple[int, ...]) -> Schema:
+    """The columns of a SeqRF segment coupling (`seqrf_pairs`, per-segment `distill`), label and seed aside."""
+    return {"x_start": (shape, "float32"), "x_end": (shape, "float32"), "t_start": ((), "float32"),
+            "t_end": ((), "float32"), "segment": ((), "int64")}
+
+
+def segment_rows(x_start, x_end, segment: np.ndarray, boundaries: list[float]) -> dict[str, np.ndarray]:
+    """Rows of `segment_schema` from endpoint tensors and each row's segment index."""
+    b = np.asarray(boundaries, dtype=np.float32)
+    return {"x_start": x_start.float().cpu().numpy(), "x_end": x_end.float().cpu().numpy(),
+            "t_start": b[segment], "t_end": b[segment + 1], "segment": segment.astype(np.int64)}
+
+
 def generate_pairs(
     ctx: StageContext, *, final: Path, n_rows: int, shard_rows: int, batch_size: int, schema: Schema,
     attrs: dict, make_batch: BatchFn, desc: str,

@@ -21,7 +21,7 @@ from reflow.rectified import velocity_field
 from reflow.samplers import euler_on_grid, per_sample_noise, sample_seeds, time_grid
 from reflow.seqrf import adaptive_boundaries, segment_endpoints, uniform_boundaries
 from stages.common import StageContext, StageSpec, generation_device, stage_main
-from stages.pairs import generate_pairs
+from stages.pairs import generate_pairs, segment_rows, segment_schema
 from stages.velocity import teacher_meta
 from storage.atomic import atomic_dir
 from storage.datasets import open_dataset
@@ -93,9 +93,7 @@ def run(ctx: StageContext) -> dict:
         else:
             y, x_start = rows.astype(np.int64) % meta["num_classes"], None
         x_start, x_end = segment_endpoints(lambda sel: flow(y[sel]), z0.to(device), segment, segment_times, x_start)
-        b = np.asarray(boundaries, dtype=np.float32)
-        return {"x_start": x_start.float().cpu().numpy(), "x_end": x_end.float().cpu().numpy(),
-                "t_start": b[segment], "t_end": b[segment + 1], "segment": segment.astype(np.int64), "label": y,
+        return {**segment_rows(x_start, x_end, segment, boundaries), "label": y,
                 "seed": np.asarray(seeds, dtype=np.int64)}
 
     attrs = {"from_model": "artifacts/rf1", "segments": k, "boundaries": boundaries, "boundary_rule": p.boundaries,
@@ -104,9 +102,7 @@ def run(ctx: StageContext) -> dict:
         stats = generate_pairs(
             ctx, final=tmp / "pairs.zarr", n_rows=p.num_samples, shard_rows=p.shard_size,
             batch_size=p.pairs_batch_size, attrs=attrs, make_batch=make_batch, desc="seqrf_pairs",
-            schema={"x_start": (shape, "float32"), "x_end": (shape, "float32"), "t_start": ((), "float32"),
-                    "t_end": ((), "float32"), "segment": ((), "int64"), "label": ((), "int64"),
-                    "seed": ((), "int64")})
+            schema=segment_schema(shape) | {"label": ((), "int64"), "seed": ((), "int64")})
     return {**stats, **{f"boundary_{i}": float(b) for i, b in enumerate(boundaries)}}
 
 

@@ -7,9 +7,10 @@ errors (`extra="forbid"`): a misspelt knob silently falling back to its default 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML, YAMLError
@@ -264,6 +265,36 @@ class FIDFeaturesParams(TrainParams):
         return self
 
 
+NFE = Annotated[int, Field(gt=0)]
+
+
+class EvalParams(Strict):
+    """How `evaluate@<model>` measures every model, the same way for all of them.
+
+    Samples use per-sample seeds from each base seed in `seeds` (the same noise for every model), labels
+    i mod K, and are compared with the held-out reference images. FID features come from the
+    `fid_features` classifier unless `inception_weights` names torch-fidelity's Inception file."""
+
+    inception_weights: str | None = None  # local weights-inception-2015-12-05-6726825d.pth (nothing is downloaded)
+    num_samples: int = Field(360, ge=10)  # per seed and NFE; the digits' reference set has 360 images
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # mean and spread over these
+    steps: list[NFE] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 50], min_length=1)
+    solvers: list[Literal["euler", "heun"]] = Field(default_factory=lambda: ["euler"], min_length=1)  # the DiT: DDIM
+    guidance_scale: float | None = Field(None, ge=0.0)  # None: the teacher as it made its pairs, the rest unguided
+    straightness_steps: int = Field(16, gt=0)
+    batch_size: int = Field(512, gt=0)
+    kid_subset_size: int = Field(1000, gt=1)
+    prc_neighborhood: int = Field(3, gt=0)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> EvalParams:
+        for name in ("seeds", "steps", "solvers"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"eval.{name} has repeated entries: {values}")
+        return self
+
+
 class Params(Strict):
     """The whole of `params.yaml`."""
 
@@ -282,6 +313,10 @@ class Params(Strict):
     seqrf: SeqRFParams = SeqRFParams()
     distill: DistillParams = DistillParams()
     fid_features: FIDFeaturesParams = FIDFeaturesParams()
+    eval: EvalParams = EvalParams()
+    # evaluate@<key> -> the model stage it measures; DVC's foreach expands one evaluate stage per entry.
+    evaluate_models: dict[str, str] = Field(default_factory=lambda: {
+        "dit": "dit", "rf1": "rf1", "rf2": "rf@2", "seqrf": "seqrf", "distill": "distill"}, min_length=1)
 
     @model_validator(mode="after")
     def _rounds_chain_from_1rf(self) -> Params:
@@ -291,6 +326,14 @@ class Params(Strict):
                 "reflow_rounds must be consecutive from 2, each starting from the previous round's model "
                 f"(a reference to any other stage breaks the chain): expected {expected}, got {self.reflow_rounds}")
         models = ["rf1", *(f"rf@{k}" for k in self.reflow_rounds), "seqrf"]
+        evaluated = ["dit", *models, "distill"]
+        for key, stage in self.evaluate_models.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", key):
+                raise ValueError(f"evaluate_models key {key!r} names the stage evaluate@{key}: use lower-case "
+                                 "letters, digits and '_' (e.g. rf2 for rf@2)")
+            if stage not in evaluated:
+                raise ValueError(f"evaluate_models.{key}={stage!r} is not a model of this pipeline; expected one "
+                                 f"of {evaluated}")
         if self.distill.source not in models:
             raise ValueError(f"distill.source={self.distill.source!r} is not a model of this pipeline; expected "
                              f"one of {models}")

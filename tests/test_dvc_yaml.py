@@ -61,7 +61,7 @@ def test_code_deps_exist_and_include_the_stage_module(name):
 
 def test_every_params_section_is_used_by_some_stage_or_is_tracking():
     used = {s for stage in STAGES.values() for s in params_sections(stage)}
-    assert used | {"tracking", "reflow_rounds"} == set(SECTIONS)
+    assert used | {"tracking", "reflow_rounds", "evaluate_models"} == set(SECTIONS)
 
 
 def test_outputs_are_produced_once_and_validate_runs_before_every_other_stage():
@@ -71,8 +71,10 @@ def test_outputs_are_produced_once_and_validate_runs_before_every_other_stage():
         for out in stage.outs:
             assert str(out.def_path) not in producers
             producers[str(out.def_path)] = name
-    parents = {n: {producers[str(d.def_path)] for d in file_deps(s) if str(d.def_path) in producers}
-               for n, s in STAGES.items()}
+    def made_by(dep: str) -> set[str]:  # a dep on a folder (report: artifacts/) depends on every output in it
+        return {stage for out, stage in producers.items() if out == dep or out.startswith(dep.rstrip("/") + "/")}
+
+    parents = {n: set().union(*(made_by(str(d.def_path)) for d in file_deps(s))) for n, s in STAGES.items()}
 
     def ancestors(name):
         found = set()
@@ -85,3 +87,4 @@ def test_outputs_are_produced_once_and_validate_runs_before_every_other_stage():
         if name != "validate":
             assert "validate" in ancestors(name), name
     assert ancestors("rf@2") >= {"rf1", "reflow_pairs@2", "teacher_pairs"}
+    assert ancestors("report") >= {f"evaluate@{key}" for key in PARAMS.evaluate_models} | {"distill", "seqrf"}

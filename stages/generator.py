@@ -1,0 +1,151 @@
+"""Any trained model of the pipeline as a sampler: noise `z0` and labels in, latents out, NFE counted.
+
+The DiT teacher samples by deterministic DDIM (guided as it was when it made the teacher's pairs);
+velocity models (`rf1`, `rf@k`, `seqrf`, `distill`) by Euler or Heun from `t = 0` to `t = 1`, on their
+own segment boundaries when they have them (SeqRF, a per-segment student). `evaluate@<model>` and
+`reflow sample` both go through here, so a number in the report and a picture on the command line
+come from the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reflow.models import dit_epsilon, load_dit
+from reflow.rectified import velocity_field
+from reflow.samplers import SampleResult, ddim, guided, solve, straightness
+from reflow.seqrf import seqrf_sample
+from storage.checkpoints import read_meta
+
+SOLVERS = ("euler", "heun", "ddim")
+
+
+class GeneratorError(ValueError):
+    """A model folder that cannot be sampled, or a (solver, steps) it cannot take; the message says why."""
+
+
+@dataclass
+class Generator:
+    model: torch.nn.Module
+    kind: str  # "epsilon" (the DDPM teacher, sampled by DDIM) or "velocity"
+    meta: dict
+    path: Path
+    default_guidance: float  # how the model is used: the teacher at its pairs' guidance, velocity models unguided
+
+    @property
+    def boundaries(self) -> list[float] | None:
+        return self.meta.get("boundaries")
+
+    @property
+    def solvers(self) -> tuple[str, ...]:
+        return ("ddim",) if self.kind == "epsilon" else ("euler", "heun")
+
+    def unsupported(self, solver: str, steps: int) -> str | None:
+        """Why `solver` with `steps` steps is not a way to sample this model, or None when it is."""
+        if solver not in self.solvers:
+            return f"a {self.kind} model samples with {' or '.join(self.solvers)}, not {solver!r}"
+        if steps < 1:
+            return f"steps must be >= 1, got {steps}"
+        k = len(self.boundaries) - 1 if self.boundaries else 1
+        if steps % k:
+            return f"a model with {k} segments takes a multiple of {k} steps, not {steps}"
+        return None
+
+    @torch.inference_mode()
+    def sample(self, z0: torch.Tensor, y: torch.Tensor, *, steps: int, solver: str,
+               guidance: float | None = None) -> SampleResult:
+        """Latents from noise `z0` (t = 0) for labels `y`; `nfe` counts guided calls twice."""
+        reason = self.unsupported(solver, steps)
+        if reason:
+            raise GeneratorError(f"{self.path}: {reason}")
+        scale = self.default_guidance if guidance is None else guidance
+        null = self.meta["null_label"]
+        if self.kind == "epsilon":
+            field = guided(lambda x, t, c: dit_epsilon(self.model, x, t, c), y, null_label=null, scale=scale)
+            return ddim(field, z0, steps=steps, **self.meta["ddpm"])
+        field = velocity_field(self.model, y, null_label=null, guidance=scale)
+        if self.boundaries:
+            k = len(self.boundaries) - 1
+            if solver != "euler":
+                raise GeneratorError(f"{self.path}: a segmented model samples with Euler inside each segment")
+            return seqrf_sample(field, z0, self.boundaries, steps_per_segment=steps // k)
+        return solve(field, z0, solver=solver, steps=steps)
+
+    @torch.inference_mode()
+    def straightness(self, z0: torch.Tensor, y: torch.Tensor, *, steps: int,
+                     guidance: float | None = None) -> torch.Tensor | None:
+        """Per-sample straightness along the model's own Euler path over [0, 1]; None for the DDIM teacher
+        (its path is a diffusion ODE in another time parameterisation; its straightness is not comparable)."""
+        if self.kind == "epsilon":
+            return None
+        scale = self.default_guidance if guidance is None else guidance
+        field = velocity_field(self.model, y, null_label=self.meta["null_label"], guidance=scale)
+        return straightness(field, z0, steps=steps)
+
+    def to(self, device: str) -> Generator:
+        self.model.to(device)
+        return self
+
+
+def model_folder(path: str | Path) -> Path:
+    """The diffusers folder of a model artifact: `artifacts/dit` itself, `artifacts/<stage>/transformer` else."""
+    path = Path(path)
+    return path / "transformer" if (path / "transformer" / "config.json").is_file() else path
+
+
+def load_generator(path: str | Path, *, teacher_guidance: float | None = None) -> Generator:
+    """The model in `path` (an artifact folder or its `transformer/`) with what its metadata says about it.
+
+    `teacher_guidance` is the guidance the DDIM teacher used for its pairs (velocity models record it
+    themselves); it is the teacher's default scale.
+    """
+    folder = model_folder(path)
+    meta = read_meta(folder)
+    if meta.get("kind") == "dit":
+        if teacher_guidance is None:
+            raise GeneratorError(f"{folder}: the DiT teacher needs its guidance scale (teacher_pairs' attrs)")
+        return Generator(load_dit(folder).eval(), "epsilon", meta, folder, teacher_guidance)
+    if meta.get("objective") != "rectified_flow_velocity":
+        raise GeneratorError(f"{folder}: not a model of this pipeline (meta kind {meta.get('kind')!r}, objective "
+                             f"{meta.get('objective')!r}); expected the DiT teacher or a velocity model")
+    return Generator(load_dit(folder).eval(), "velocity", meta, folder, 1.0)
+
+
+def sample_grid(root: Path, model: str, *, steps: int, solver: str | None = None, label: int | None = None,
+                n: int = 64, out: Path, guidance: float | None = None, seed: int = 0, vae: str | None = None,
+                device: str = "cpu") -> dict:
+    """`reflow sample`: `n` samples of a trained model as one PNG grid; returns what was made.
+
+    `model` is a stage name (`rf@2`, `dit`) or a model folder. Labels are `label` for every sample, or
+    i mod K; noise comes from per-sample seeds of base `seed`, the way `evaluate` draws it.
+    """
+    import numpy as np
+
+    from reflow.data import save_grid
+    from reflow.models import decode_latents, load_vae
+    from reflow.samplers import per_sample_noise, sample_seeds
+    from storage.datasets import open_dataset
+
+    path = Path(model) if Path(model).exists() else root / "artifacts" / model
+    if not path.exists():
+        raise GeneratorError(f"{model!r} is neither a model folder nor a stage with artifacts/{model}")
+    pairs = root / "artifacts" / "teacher_pairs" / "pairs.zarr"
+    teacher_guidance = (float(open_dataset(pairs, kind="pairs").attrs["guidance_scale"]) if pairs.exists()
+                        else None)
+    gen = load_generator(path, teacher_guidance=teacher_guidance if teacher_guidance is not None else guidance)
+    solver = solver or gen.solvers[0]
+    num_classes = int(gen.meta["num_classes"])
+    if label is not None and not 0 <= label < num_classes:
+        raise GeneratorError(f"--class {label} is out of range: {path} has classes 0..{num_classes - 1}")
+    labels = np.full(n, label, dtype=np.int64) if label is not None else np.arange(n, dtype=np.int64) % num_classes
+    z0 = per_sample_noise(sample_seeds(seed, 0, n), tuple(gen.meta["latent_shape"]))
+    gen.to(device)
+    res = gen.sample(z0.to(device), torch.from_numpy(labels).to(device), steps=steps, solver=solver, guidance=guidance)
+    vae_dir = Path(vae) if vae else root / "artifacts" / "vae"
+    images = decode_latents(load_vae(vae_dir).to(device).eval(), res.x.float(), gen.meta["scale_factor"]).numpy()
+    save_grid(images, out, nrow=min(num_classes, 16) if label is None else int(np.ceil(np.sqrt(n))))
+    return {"model": str(gen.path), "kind": gen.kind, "solver": solver, "steps": steps, "nfe": res.nfe,
+            "samples": n, "out": str(out), "guidance": gen.default_guidance if guidance is None else guidance}

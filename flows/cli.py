@@ -100,6 +100,33 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from stages.report import print_results
+    from storage.lineage import find_repo_root
+
+    return print_results(find_repo_root(), args.measure)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from stages.common import generation_device
+    from stages.generator import GeneratorError, sample_grid
+    from stages.params import load_params
+    from storage.checkpoints import CheckpointError
+    from storage.lineage import find_repo_root
+
+    root = find_repo_root()
+    device = generation_device(load_params(root / "params.yaml").compute)
+    try:
+        made = sample_grid(root, args.model, steps=args.steps, solver=args.solver, label=args.label, n=args.n,
+                           out=Path(args.out), guidance=args.guidance, seed=args.seed, vae=args.vae, device=device)
+    except (GeneratorError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{made['out']}: {made['samples']} samples of {made['model']} ({made['solver']}, {made['steps']} steps, "
+          f"NFE {made['nfe']} per sample, guidance {made['guidance']})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +145,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefect-port", type=int, default=4200)
     p.add_argument("--mlflow-port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("results", help="the evaluation table (FID against NFE for every model)")
+    p.add_argument("--measure", default="fid", choices=["fid", "kid", "precision", "recall", "class_accuracy"])
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("sample", help="a grid of samples from any trained model")
+    p.add_argument("--model", required=True, help="a stage (dit, rf1, rf@2, seqrf, distill) or a model folder")
+    p.add_argument("--steps", type=int, required=True, help="sampler steps (NFE, doubled with guidance)")
+    p.add_argument("--solver", choices=["euler", "heun", "ddim"], default=None,
+                   help="default: ddim for the DiT teacher, euler for velocity models")
+    p.add_argument("--class", dest="label", type=int, default=None, help="one class for all (default: i mod K)")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the teacher's for the DiT, none for the rest)")
+    p.add_argument("--seed", type=int, default=0, help="base of the per-sample seeds")
+    p.add_argument("--vae", default=None, help="VAE folder (default artifacts/vae)")
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(func=cmd_sample)
+
+    from flows.lineage import add_commands
+
+    add_commands(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)

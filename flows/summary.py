@@ -24,8 +24,18 @@ def print_summary(root: Path) -> None:
             print(f"      picture: {png.relative_to(root)}")
     print("\nMetrics (`dvc metrics show`):")
     for m in sorted((root / "metrics").glob("*.json")) if (root / "metrics").is_dir() else []:
+        if m.stem.startswith("evaluate@"):  # dozens of numbers each: shown below as one table
+            continue
         values = json.loads(m.read_text())
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         print(f"  {m.stem:14s} {shown}")
+    from stages.report import load_evaluations, results_table, text_table
+
+    evaluations = load_evaluations(root)
+    if evaluations:
+        print("\nFID against NFE (mean ± std over seeds; `reflow results`, `dvc metrics show`):")
+        print(text_table(*results_table(evaluations)))
+    if (root / "reports" / "index.html").is_file():
+        print(f"\nReport (curves, sample grids, lineage; opens offline): {root / 'reports' / 'index.html'}")
     print(f"\nMLflow store: {tracking_uri(params.tracking.uri, root)} (experiment {params.tracking.experiment!r})")
     print("Browse runs and flows: `reflow ui` (Prefect on http://127.0.0.1:4200, MLflow on http://127.0.0.1:5000)")

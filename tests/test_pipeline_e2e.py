@@ -23,8 +23,14 @@ from storage.tracking import path_tag, tag_path
 
 pytestmark = pytest.mark.e2e
 # Stages with an MLflow run; `validate` runs before them.
-STAGES = ["prepare", "fid_features", "vae", "extract", "dit", "teacher_pairs", "rf1", "reflow_pairs@2", "seqrf_pairs",
-          "rf@2", "seqrf", "distill"]
+STAGES = ["prepare", "fid_features", "vae", "extract", "dit", "teacher_pairs", "evaluate@dit", "rf1", "evaluate@rf1",
+          "reflow_pairs@2", "seqrf_pairs", "rf@2", "seqrf", "distill", "evaluate@rf2", "evaluate@seqrf",
+          "evaluate@distill", "report"]
+EVALUATED = {"dit": "dit", "rf1": "rf1", "rf2": "rf@2", "seqrf": "seqrf", "distill": "distill"}
+
+
+def output_dir(root: Path, stage: str) -> Path:
+    return root / "reports" if stage == "report" else root / "artifacts" / stage
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -88,6 +94,81 @@ def test_dvc_repro_produces_every_artifact(repo):
     assert "up to date" in status.stdout
 
 
+def test_every_model_is_measured_on_one_protocol(repo):
+    from storage.hashing import file_sha256
+
+    reference_hash = open_dataset(repo / "artifacts/prepare/reference.zarr", kind="images").attrs["content_hash"]
+    extractor_hash = file_sha256(repo / "artifacts/fid_features/diffusion_pytorch_model.safetensors")
+    for key, model in EVALUATED.items():
+        results = json.loads((repo / f"artifacts/evaluate@{key}/results.json").read_text())
+        protocol = results["protocol"]
+        assert protocol["model"] == f"artifacts/{model}" and protocol["seeds"] == [0, 1]
+        assert protocol["reference"]["content_hash"] == reference_hash
+        assert protocol["extractor"]["sha256"] == extractor_hash
+        for point in results["points"]:
+            assert [s["seed"] for s in point["per_seed"]] == [0, 1] and point["fid_std"] >= 0
+            # NFE as spent: the teacher is guided (2 evaluations a step), velocity models are not
+            assert point["nfe"] == point["steps"] * (2 if key == "dit" else 1)
+        metrics = json.loads((repo / f"metrics/evaluate@{key}.json").read_text())
+        assert metrics["best_fid"] == min(p["fid"] for p in results["points"])
+        assert ("straightness" in metrics) == (key != "dit")
+    seqrf = json.loads((repo / "artifacts/evaluate@seqrf/results.json").read_text())
+    assert [p["steps"] for p in seqrf["points"]] == [2, 4] and seqrf["skipped"][0]["steps"] == 1
+    assert any(repo.glob(".reflow/cache/fidelity/reference-" + reference_hash[:16] + "-" + extractor_hash[:16] + "*"))
+
+
+def test_stored_fid_equals_scipy_on_regenerated_samples(repo):
+    """Regenerate one measured point (rf@2, seed 0, one Euler step) and compute its FID independently."""
+    from reflow.fid import FeatureNet, extract_features, frechet_distance
+    from reflow.models import load_vae
+    from reflow.samplers import per_sample_noise, sample_seeds
+    from stages.evaluate import generate_images
+    from stages.generator import load_generator
+
+    results = json.loads((repo / "artifacts/evaluate@rf2/results.json").read_text())
+    stored = next(p for p in results["points"] if p["steps"] == 1)["per_seed"][0]
+    gen = load_generator(repo / "artifacts/rf@2")
+    n = results["protocol"]["samples_per_point"]
+    z0 = per_sample_noise(sample_seeds(0, 0, n), tuple(gen.meta["latent_shape"]))
+    images, nfe = generate_images(gen, load_vae(repo / "artifacts/vae").eval(), z0, np.arange(n) % 10, steps=1,
+                                  solver="euler", guidance=None, batch_size=7, device="cpu")
+    net = FeatureNet.from_pretrained(repo / "artifacts/fid_features").eval()
+    reference = open_dataset(repo / "artifacts/prepare/reference.zarr", kind="images").load("images")
+    expected = frechet_distance(extract_features(net, images), extract_features(net, reference))
+    assert nfe == 1 and stored["fid"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
+def test_report_renders_offline_and_the_cli_shows_results_and_samples(repo, tmp_path):
+    from html.parser import HTMLParser
+
+    class Parser(HTMLParser):
+        urls: list = []
+
+        def handle_starttag(self, tag, attrs):
+            self.urls += [(tag, v) for k, v in attrs if k in ("src", "href")]
+
+    page = (repo / "reports/index.html").read_text()
+    parser = Parser()
+    parser.feed(page)
+    images = [v for tag, v in parser.urls if tag == "img"]
+    assert len(images) == 1 + len(EVALUATED), "the FID-vs-NFE plot and one grid per model"
+    assert all(v.startswith("data:image/png;base64,") for _, v in parser.urls), "nothing fetched from a network"
+    assert "teacher_pairs" in page and "evaluate@rf2" in page  # lineage tables
+
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    cli = [sys.executable, "-m", "flows.cli"]
+    res = subprocess.run([*cli, "results"], cwd=repo, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "rf2 (rf@2)" in res.stdout and "real images" in res.stdout, res.stderr
+    out = tmp_path / "grid.png"
+    res = subprocess.run([*cli, "sample", "--model", "rf@2", "--steps", "2", "--class", "3", "--n", "9", "--out",
+                          str(out), "--guidance", "1.5"], cwd=repo, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "NFE 4 per sample" in res.stdout and out.stat().st_size > 0
+    res = subprocess.run([*cli, "sample", "--model", "seqrf", "--steps", "3", "--out", str(out)], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "multiple of 2 steps" in res.stderr
+
+
 def test_mlflow_lineage_joins_up_through_dvc_hashes(repo):
     from storage.lineage import lock_entries
 
@@ -124,7 +205,7 @@ def test_prefect_flow_skips_everything_then_reruns_only_what_changed(repo, prefe
     edit_params(repo, "distill", "seed", 99)
     outcomes = pipeline(root=str(repo))
     status = {o["stage"]: o["status"] for o in outcomes}
-    rerun = ["validate", "distill"]  # the changed stage (and its downstream: none)
+    rerun = ["validate", "distill", "evaluate@distill", "report"]  # the changed stage and its downstream
     assert [s for s in status if status[s] == "executed"] == rerun
     assert {status[s] for s in status if s not in rerun} == {"skipped_up_to_date"}
 
@@ -140,7 +221,7 @@ def test_prefect_flow_skips_everything_then_reruns_only_what_changed(repo, prefe
 
 
 def test_bad_params_touch_no_output(repo):
-    before = {s: tree_digest(repo / "artifacts" / s) for s in STAGES}
+    before = {s: tree_digest(output_dir(repo, s)) for s in STAGES}
     lock_before = (repo / "dvc.lock").read_text()
     metrics_before = {p.name: p.read_bytes() for p in (repo / "metrics").iterdir()}
     original = (repo / "params.yaml").read_text()
@@ -154,7 +235,7 @@ def test_bad_params_touch_no_output(repo):
         assert "no output was touched" in err
     finally:
         (repo / "params.yaml").write_text(original)
-    assert {s: tree_digest(repo / "artifacts" / s) for s in STAGES} == before
+    assert {s: tree_digest(output_dir(repo, s)) for s in STAGES} == before
     assert (repo / "dvc.lock").read_text() == lock_before
     assert {p.name: p.read_bytes() for p in (repo / "metrics").iterdir()} == metrics_before
 
@@ -185,6 +266,17 @@ def test_dvc_exp_run_lands_in_the_workspace_mlflow_store(repo):
     assert runs[0].data.params["distill.seed"] == "7" and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["reflow.dvc_exp_baseline"] == subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+    # `reflow compare` of the committed run against the experiment names exactly the stage and the param.
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "compare", "HEAD", "seed7", "--json"], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["b"]["kind"] == "dvc experiment" and report["first_divergent"] == ["distill"]
+    distill = next(d for d in report["stages"] if d["stage"] == "distill")
+    assert [p[0] for p in distill["params"]] == ["distill.seed"] and distill["params"][0][2] == "7"
+    assert report["mlflow"]["distill"]["run_ids"][1] == runs[0].info.run_id
 
 
 def test_teacher_pairs_killed_mid_way_resume_to_identical_pairs(repo):

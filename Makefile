@@ -34,7 +34,7 @@ demo: install repo
 	  echo "make demo: pipeline wall time $$(( $$(date +%s) - start )) s"; exit $$status
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

@@ -127,7 +127,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_commands(sub)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

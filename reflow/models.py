@@ -103,7 +103,13 @@ def load_dit(path: str | Path) -> DiTTransformer2DModel:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: no DiT here (expected a diffusers folder with config.json)")
-    return _reference_fixes(DiTTransformer2DModel.from_pretrained(path))
+    try:
+        model = DiTTransformer2DModel.from_pretrained(path)
+    except Exception as exc:  # safetensors, JSON and shape errors come in many types; all mean "unusable"
+        raise ModelLoadError(f"{path}: the DiT's weights or config cannot be loaded ({exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); the checkpoint is truncated or "
+                             "altered: rerun the stage that made it (`dvc repro` sees the change)") from None
+    return _reference_fixes(model)
 
 
 def null_label(model: DiTTransformer2DModel) -> int:

@@ -23,6 +23,8 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
+from storage.faults import crash_point
+
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch, torch.Generator, int], torch.Tensor]  # (model, batch, generator, step)
 LogFn = Callable[[dict[str, float], int], None]
@@ -172,6 +174,7 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(accelerator.unwrap_model(model).parameters())
+        crash_point("train_step")
         window_loss += loss.detach().float()
         window_steps += 1
         done = step + 1

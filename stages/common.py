@@ -13,6 +13,7 @@ rest, in an order chosen so that nothing is touched before the params are known 
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -145,6 +146,14 @@ def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]]) -
         print(f"error: stage {spec.name!r} failed: {exc}", file=sys.stderr)
         if os.environ.get("REFLOW_DEBUG"):
             traceback.print_exc()
+        return 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: stage {spec.name!r} failed: no space left on the device writing "
+              f"{exc.filename or 'its output'} ({exc.strerror}). Earlier outputs are intact (every write goes "
+              "to a temporary name first); free some space and rerun: the stage resumes from its last "
+              f"checkpoint in {ctx.scratch}.", file=sys.stderr)
         return 1
     clear_scratch(ctx.scratch)
     return 0

@@ -31,6 +31,7 @@ from stages.common import StageContext, StageError, StageSpec, generation_device
 from stages.generator import Generator, load_generator
 from storage.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
 from storage.datasets import open_dataset
+from storage.faults import crash_point
 from storage.hashing import file_sha256
 
 FIDELITY_CACHE = Path(".reflow") / "cache" / "fidelity"  # reference statistics, named by content hashes
@@ -132,7 +133,7 @@ def run(ctx: StageContext) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(plan) * len(p.seeds), desc=ctx.spec.name, unit="point", mininterval=1.0)
     per_point: dict[tuple[str, int], list[dict]] = {point: [] for point in plan}
-    straightness = []
+    straightness, measured = [], 0
     for seed in p.seeds:
         z0 = per_sample_noise(sample_seeds(seed, 0, p.num_samples), shape)
         path_s = gen.straightness(z0[: min(256, len(z0))].to(device),
@@ -156,6 +157,8 @@ def run(ctx: StageContext) -> dict:
                 np.save(buffer, images[: min(num_classes, 16)])
                 atomic_write_bytes(_grid_row_path(ctx.scratch, solver, steps), buffer.getvalue())
             atomic_write_json(done, result)
+            crash_point("eval_point")
+            measured += 1
             per_point[(solver, steps)].append(result)
             bar.update()
     bar.close()
@@ -194,7 +197,7 @@ def run(ctx: StageContext) -> dict:
         save_grid(np.concatenate(rows), tmp / "grid.png", nrow=len(rows[0]))
     ctx.log_artifact(out / "grid.png", "samples")
     ctx.log_artifact(out / "results.json")
-    return flat_metrics(results)
+    return flat_metrics(results) | {"points_measured_this_run": float(measured)}
 
 
 def flat_metrics(results: dict) -> dict[str, float]:

@@ -21,6 +21,7 @@ class Strict(BaseModel):
 
 
 PositiveInt = Field(gt=0)
+NFE = Annotated[int, Field(gt=0)]  # a number of sampler steps: 0 is no sampling at all
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,16 +149,10 @@ class VelocityTrainParams(TrainParams):
     loss: Literal["mse", "pseudo_huber"] = "mse"
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     eval_samples: int = Field(256, gt=0)  # pairs held out of training to measure error vs the teacher
-    eval_steps: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    eval_steps: list[NFE] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
     steps: int = Field(2000, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0.0)
-
-    @model_validator(mode="after")
-    def _positive_eval_steps(self) -> VelocityTrainParams:
-        if any(n < 1 for n in self.eval_steps):
-            raise ValueError(f"eval_steps must all be >= 1 (NFE 0 is no sampling), got {self.eval_steps}")
-        return self
 
 
 class RF1Params(VelocityTrainParams):
@@ -196,7 +191,7 @@ class SeqRFParams(VelocityTrainParams):
     pairs_batch_size: int = Field(256, gt=0)
     shard_size: int = Field(256, gt=0)
     seed: int = 2468
-    eval_steps: list[int] = Field(default_factory=lambda: [4, 8], min_length=1)  # multiples of segments
+    eval_steps: list[NFE] = Field(default_factory=lambda: [4, 8], min_length=1)  # multiples of segments
 
     @model_validator(mode="after")
     def _segments_fit_the_trajectory(self) -> SeqRFParams:
@@ -263,9 +258,6 @@ class FIDFeaturesParams(TrainParams):
         if self.width % 8:
             raise ValueError(f"fid_features.width={self.width} must be a multiple of 8 (GroupNorm with 8 groups)")
         return self
-
-
-NFE = Annotated[int, Field(gt=0)]
 
 
 class EvalParams(Strict):
@@ -348,6 +340,7 @@ class Params(Strict):
 
 
 SECTIONS: tuple[str, ...] = tuple(Params.model_fields)
+OPTIONAL_SECTIONS = frozenset({"tracking"})  # no stage reads it through DVC
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -397,7 +390,14 @@ def load_params(path: str | Path) -> Params:
         raw = YAML(typ="safe", pure=True).load(text)
     except YAMLError as exc:
         raise ParamsError(path, [f"not valid YAML: {exc}"]) from None
-    return parse_params(raw, path)
+    params = parse_params(raw, path)
+    # DVC reads each stage's sections from the file itself (dvc.yaml `params:`), so a section left to its
+    # default here would still stop `dvc repro`, with a less helpful message: require it up front.
+    missing = [s for s in SECTIONS if s not in OPTIONAL_SECTIONS and s not in (raw or {})]
+    if missing:
+        raise ParamsError(path, [f"{s}: missing section; stages read it from this file (copy it from the "
+                                 "project's params.yaml)" for s in missing])
+    return params
 
 
 class ParamsView:

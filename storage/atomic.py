@@ -17,6 +17,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from storage.faults import crash_point
+
 __all__ = [
     "atomic_dir",
     "atomic_write_bytes",
@@ -118,6 +120,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     if final.exists() or final.is_symlink():
         old = _tmp_name(final, ".old")
         os.rename(final, old)
+    crash_point("output_rename")
     os.rename(tmp, final)
     fsync_dir(final.parent)
     if old is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from storage.atomic import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir
+from storage.faults import crash_point
 from storage.hashing import file_sha256
 
 __all__ = ["META_FILE", "CheckpointError", "load_state", "read_meta", "save_model", "save_state"]
@@ -82,6 +83,7 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         digest = file_sha256(tmp)
+        crash_point("checkpoint_write")
         os.replace(tmp, path)
     except BaseException:
         with suppress(FileNotFoundError):

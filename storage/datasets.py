@@ -40,6 +40,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from storage.atomic import atomic_dir, atomic_write_json, fsync_dir, fsync_tree
+from storage.faults import crash_point
 
 try:  # advisory lock for progress.json when several processes share one writer; POSIX only
     import fcntl
@@ -646,6 +647,7 @@ class ShardedWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        crash_point("shard_written")
         with self._progress_lock():
             done = self._done() | {i}
             atomic_write_json(self.path / PROGRESS_FILE, {"done": sorted(done), "n_shards": self.n_shards})

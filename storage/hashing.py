@@ -49,3 +49,15 @@ def file_sha256(path: str | Path) -> str:
         while block := f.read(_READ_BLOCK):
             h.update(block)
     return h.hexdigest()
+
+
+def tree_sha256(root: str | Path) -> str:
+    """sha256 over every file under `root` (relative path and content, in sorted order): equal exactly when
+    two folders hold the same files with the same bytes. How a resumed output is compared with an
+    uninterrupted one."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(bytes.fromhex(file_sha256(f)))
+    return h.hexdigest()

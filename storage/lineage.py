@@ -408,12 +408,18 @@ def compare(a: Records, b: Records) -> Comparison:
     every stage in A and B). Metric deltas (A, B, B-A) are given for each origin and every stage
     downstream of one. Stages are matched by name and joined to their upstream by dep path.
     """
-    producer = {p: s for recs in (a, b) for s, rec in recs.items() for p in rec.outs}
-    upstream = {s: {producer[p] for rec in (a.get(s), b.get(s)) if rec for p in rec.deps
-                    if producer.get(p, s) != s}
+    outs = {p: s for recs in (a, b) for s, rec in recs.items() for p in rec.outs}
+
+    def producers(dep: str, consumer: str) -> set[str]:
+        """Stages whose outputs a dep is, or holds (a dep on a folder, e.g. the report's `artifacts`)."""
+        folder = dep.rstrip("/") + "/"
+        return {s for p, s in outs.items() if (p == dep or p.startswith(folder)) and s != consumer}
+
+    upstream = {s: set().union(*(producers(p, s) for rec in (a.get(s), b.get(s)) if rec for p in rec.deps))
                 for s in a.keys() | b.keys()}
     diffs: list[StageDiff] = []
     affected: set[str] = set()  # origins and everything downstream of one
+    changed: set[str] = set()  # stages whose outputs differ
     for s in _topological(upstream):
         if s not in a or s not in b:
             diffs.append(StageDiff(s, "only_a" if s in a else "only_b"))
@@ -421,13 +427,15 @@ def compare(a: Records, b: Records) -> Comparison:
         ra, rb = a[s], b[s]
         changed_outs = [p for p, _, _ in _differing(ra.outs, rb.outs)]
         dep_diffs = _differing(ra.deps, rb.deps)
-        upstream_diffs = [p for p, _, _ in dep_diffs if producer.get(p, s) != s]
-        status = "same" if not changed_outs else "inherited" if upstream_diffs else "origin"
+        from_upstream = set().union(*(producers(p, s) for p, _, _ in dep_diffs))
+        status = "same" if not changed_outs else "inherited" if from_upstream else "origin"
+        if changed_outs:
+            changed.add(s)
         if status == "origin" or upstream[s] & affected:
             affected.add(s)
         metrics = [(k, ra.metrics.get(k), rb.metrics.get(k)) for k in sorted(ra.metrics.keys() | rb.metrics.keys())]
         diffs.append(StageDiff(
-            s, status, changed_outs, sorted({producer[p] for p in upstream_diffs}),
-            _differing(ra.params, rb.params), [d for d in dep_diffs if d[0] not in producer],
+            s, status, changed_outs, sorted(from_upstream & changed),
+            _differing(ra.params, rb.params), [d for d in dep_diffs if not producers(d[0], s)],
             [(k, x, y, None if x is None or y is None else y - x) for k, x, y in metrics] if s in affected else []))
     return Comparison(diffs)

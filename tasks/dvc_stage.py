@@ -24,7 +24,8 @@ from prefect.cache_policies import NO_CACHE
 # What DVC prints when it does not run a stage's command.
 SKIPPED = "didn't change, skipping"
 RESTORED = "is cached - skipping run"
-TRANSIENT = ("Unable to acquire lock", "is locked by", "lock is being held")
+# Another `dvc repro` / `reflow run` holds the workspace lock, or the stage's inputs or outputs (rwlock).
+TRANSIENT = ("Unable to acquire lock", "is locked by", "lock is being held", "is busy, it is being blocked by")
 # DVC's after-run hints about git; said once per stage they drown the stage's own log.
 HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage",
          "Use `dvc push`")
@@ -156,8 +157,8 @@ def _record_in_mlflow(stage: str, root: Path, outcome: StageOutcome, tracking_cf
 
 @task(
     task_run_name="{stage}",
-    retries=3,
-    retry_delay_seconds=10,
+    retries=5,
+    retry_delay_seconds=[10, 30, 60, 120, 300],  # wait out another run's stage for up to ~9 minutes
     retry_condition_fn=_retry_transient,
     cache_policy=NO_CACHE,
     log_prints=False,

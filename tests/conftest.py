@@ -50,6 +50,38 @@ def make_pipeline_repo(root: Path, params: Path = ROOT / "presets" / "tiny.yaml"
 
 
 @pytest.fixture(scope="session")
+def reproduced_pipeline(tmp_path_factory, request):
+    """The tiny pipeline reproduced once by `dvc repro` for the whole session: (root, DVC's stdout).
+
+    Tests never change it: `copy_pipeline` gives each module its own copy (git, DVC cache, MLflow store
+    and scratch included), so the suite pays for one full run. Under pytest-xdist the workers share it:
+    the first to arrive builds it under a file lock while the others wait.
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if hasattr(request.config, "workerinput") else base
+    root, log = shared / "reproduced" / "repo", shared / "reproduced" / "repro.log"
+    with FileLock(str(shared / "reproduced.lock")):
+        if not log.is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that failed half-way
+            make_pipeline_repo(root)
+            res = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, capture_output=True, text=True)
+            assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+            log.write_text(res.stdout)
+    return root, log.read_text()
+
+
+@pytest.fixture(scope="session")
+def copy_pipeline(reproduced_pipeline):
+    def copy(dst: Path) -> Path:
+        shutil.copytree(reproduced_pipeline[0], dst, symlinks=True)
+        return dst
+
+    return copy
+
+
+@pytest.fixture(scope="session")
 def pipeline_repo():
     """`make_pipeline_repo` as a fixture (test modules cannot import conftest under importlib mode)."""
     return make_pipeline_repo

@@ -227,3 +227,21 @@ def test_cli_compare_and_lineage(repo, capsys, monkeypatch):
 
     assert main(["compare", "base", "nope"]) == 2
     assert "reflow compare: 'nope' is none of" in capsys.readouterr().err
+
+
+def test_a_dep_on_a_folder_of_outputs_inherits_their_difference():
+    """The report depends on the whole `artifacts/` folder: a changed model upstream is not a new origin."""
+    from storage.lineage import StageRecord, compare
+
+    def records(model_hash: str) -> dict:
+        return {
+            "model": StageRecord("model", {"stages/model.py": "c"}, {"artifacts/model": model_hash},
+                                 {"model.seed": model_hash}),
+            "report": StageRecord("report", {"artifacts": "folder-" + model_hash, "stages/report.py": "r"},
+                                  {"reports": "page-" + model_hash}),
+        }
+
+    result = compare(records("1"), records("2"))
+    assert result.first_divergent == ["model"]
+    report = next(d for d in result.stages if d.stage == "report")
+    assert report.status == "inherited" and report.differing_upstream == ["model"] and report.deps == []

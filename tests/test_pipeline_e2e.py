@@ -5,7 +5,6 @@ flow finding everything up to date, a params change that reruns exactly one stag
 run, a bad params file that touches nothing, and a generation stage killed mid-way and resumed.
 """
 
-import hashlib
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from storage.datasets import open_dataset
+from storage.hashing import tree_sha256
 from storage.tracking import path_tag, tag_path
 
 pytestmark = pytest.mark.e2e
@@ -45,14 +45,6 @@ def mlflow_runs(root: Path) -> list:
     return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
-def tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def edit_params(root: Path, section: str, key: str, value) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params[section][key] = value
@@ -60,13 +52,10 @@ def edit_params(root: Path, section: str, key: str, value) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, pipeline_repo):
-    root = pipeline_repo(tmp_path_factory.mktemp("pipeline"))
-    res = dvc(root, "repro")
-    assert res.returncode == 0, res.stdout + res.stderr
+def repo(tmp_path_factory, reproduced_pipeline, copy_pipeline):
     for stage in STAGES:
-        assert f"Running stage '{stage}'" in res.stdout
-    return root
+        assert f"Running stage '{stage}'" in reproduced_pipeline[1]
+    return copy_pipeline(tmp_path_factory.mktemp("pipeline") / "repo")
 
 
 def test_dvc_repro_produces_every_artifact(repo):
@@ -221,7 +210,7 @@ def test_prefect_flow_skips_everything_then_reruns_only_what_changed(repo, prefe
 
 
 def test_bad_params_touch_no_output(repo):
-    before = {s: tree_digest(output_dir(repo, s)) for s in STAGES}
+    before = {s: tree_sha256(output_dir(repo, s)) for s in STAGES}
     lock_before = (repo / "dvc.lock").read_text()
     metrics_before = {p.name: p.read_bytes() for p in (repo / "metrics").iterdir()}
     original = (repo / "params.yaml").read_text()
@@ -235,7 +224,7 @@ def test_bad_params_touch_no_output(repo):
         assert "no output was touched" in err
     finally:
         (repo / "params.yaml").write_text(original)
-    assert {s: tree_digest(output_dir(repo, s)) for s in STAGES} == before
+    assert {s: tree_sha256(output_dir(repo, s)) for s in STAGES} == before
     assert (repo / "dvc.lock").read_text() == lock_before
     assert {p.name: p.read_bytes() for p in (repo / "metrics").iterdir()} == metrics_before
 

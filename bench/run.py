@@ -1,0 +1,355 @@
+"""`make bench`: how fast the pipeline's loops are and how much memory they hold, in one JSON file.
+
+Every figure is the median of `--repeats` runs (after a warm-up), measured on the models that the given
+params file describes (built here at random initialisation: speed does not depend on the weights):
+
+- DiT training images/s of our loop (`reflow.train.train`: accelerate, EMA, clipping, logging) and of a plain
+  PyTorch loop over the same model, objective, batch and EMA; their ratio is our loop's overhead;
+- teacher pair generation pairs/s (guided DDIM at `teacher_pairs.ddim_steps`, as the stage does it);
+- sampling images/s (decoded) of a velocity model at NFE 1 and at the teacher's NFE, of the DDIM teacher,
+  and of the distilled student when it is smaller;
+- the in-RAM loader's samples/s against what the trainer consumes;
+- `dvc repro` and `reflow run` on an up-to-date workspace (`--workspace`, when it has been run);
+- peak memory of pair generation at N and 10N pairs (a child process each, streaming shards to zarr);
+- `make demo` wall time of a fresh clone (`--demo`; 20+ minutes, so off by default).
+
+Results go to `bench/results/bench.json` (with the machine, torch version and params hash) and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # the loops' progress bars would drown the table
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from stages.params import Params, load_params  # noqa: E402
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: a child's ru_maxrss can carry the RSS of the
+    parent it was forked from, VmHWM starts afresh with the new address space at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: KiB on Linux, bytes on macOS
+
+
+def timed(fn: Callable[[], float], repeats: int, warmup: bool = True) -> dict:
+    """`fn()` returns a rate; median and every run, after one unrecorded warm-up run."""
+    if warmup:
+        fn()
+    runs = [fn() for _ in range(repeats)]
+    return {"median": statistics.median(runs), "runs": runs}
+
+
+def device_of(params: Params) -> str:
+    return "cuda" if params.compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def latent_shape(params: Params) -> tuple[int, int, int]:
+    down = 2 ** (len(params.vae.block_out_channels) - 1)
+    size = params.data.resolution // down
+    return params.vae.latent_channels, size, size
+
+
+def make_dit(params: Params, num_classes: int = 10, **overrides):
+    from reflow.models import build_dit
+
+    c, size, _ = latent_shape(params)
+    p = params.dit
+    kw = dict(sample_size=size, in_channels=c, num_classes=num_classes, patch_size=p.patch_size,
+              num_layers=p.num_layers, num_attention_heads=p.num_attention_heads,
+              attention_head_dim=p.attention_head_dim, learn_sigma=p.learn_sigma)
+    return build_dit(**(kw | overrides))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training: our loop against a plain one
+# ---------------------------------------------------------------------------------------------------------
+def bench_training(params: Params, steps: int, repeats: int) -> dict:
+    from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
+    from reflow.models import null_label
+    from reflow.train import TrainConfig, make_accelerator, train
+
+    p, device = params.dit, device_of(params)
+    n = 1438
+    data = {"z1": torch.randn(n, *latent_shape(params)), "label": torch.randint(0, 10, (n,))}
+    scheduler = make_ddpm_scheduler(p.num_train_timesteps, p.beta_start, p.beta_end)
+
+    def objective(model):
+        return DDPMObjective(scheduler, null_label=null_label(model), label_dropout=p.label_dropout,
+                             learn_sigma=p.learn_sigma)
+
+    def ours() -> float:
+        model = make_dit(params)
+        cfg = TrainConfig(steps=steps, batch_size=p.batch_size, lr=p.lr, ema_decay=p.ema_decay,
+                          grad_clip=p.grad_clip, log_every=max(1, steps // 4), checkpoint_every=10**9)
+        accelerator = make_accelerator(params.compute.device, params.compute.mixed_precision)
+        t0 = time.perf_counter()
+        train(model, objective(model), data, cfg, accelerator, desc="bench: our loop")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return steps * p.batch_size / (time.perf_counter() - t0)
+
+    def plain() -> float:
+        """The loop anyone would write: the same model, objective, AdamW, clipping and EMA, nothing else."""
+        model = make_dit(params).to(device).train()
+        ema = [q.detach().clone() for q in model.parameters()]
+        loss_fn = objective(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=p.lr, fused=device == "cuda")
+        gen = torch.Generator(device=device).manual_seed(0)
+        z1, label = data["z1"].to(device), data["label"].to(device)
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=params.compute.mixed_precision == "bf16")
+        t0 = time.perf_counter()
+        for step in range(steps):
+            idx = torch.randint(0, n, (p.batch_size,), device=device)
+            with autocast:
+                loss = loss_fn(model, {"z1": z1[idx], "label": label[idx]}, gen, step)
+            loss.backward()
+            if p.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [q.detach() for q in model.parameters()], 1 - p.ema_decay)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return steps * p.batch_size / (time.perf_counter() - t0)
+
+    # Interleaved, so drift of the machine's speed hits both loops alike.
+    ours(), plain()
+    runs_ours, runs_plain = [], []
+    for _ in range(repeats):
+        runs_ours.append(ours())
+        runs_plain.append(plain())
+    ratio = [a / b for a, b in zip(runs_ours, runs_plain, strict=True)]
+    return {"dit_train_images_per_s": {"median": statistics.median(runs_ours), "runs": runs_ours},
+            "plain_loop_images_per_s": {"median": statistics.median(runs_plain), "runs": runs_plain},
+            "our_loop_vs_plain": {"median": statistics.median(ratio), "runs": ratio}}
+
+
+def bench_loader(params: Params, repeats: int) -> dict:
+    """Batches as the trainer takes them: epoch-permuted indices gathered from tensors in RAM."""
+    from reflow.train import EpochSampler
+
+    n, b = 1438, params.dit.batch_size
+    data = {"z1": torch.randn(n, *latent_shape(params)), "label": torch.randint(0, 10, (n,))}
+    sampler = EpochSampler(n, 0)
+
+    def rate() -> float:
+        t0, steps = time.perf_counter(), 2000
+        for step in range(steps):
+            idx = sampler.indices(step, b, 0, b)
+            _ = {k: v[idx] for k, v in data.items()}
+        return steps * b / (time.perf_counter() - t0)
+
+    return {"loader_samples_per_s": timed(rate, repeats)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation and sampling
+# ---------------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def bench_generation(params: Params, n: int, repeats: int) -> dict:
+    from reflow.models import build_vae, decode_latents
+    from reflow.rectified import velocity_field
+    from reflow.samplers import per_sample_noise, sample_seeds, solve
+    from stages.teacher_pairs import generate
+
+    device = device_of(params)
+    teacher = make_dit(params).to(device).eval()
+    meta = {"latent_shape": list(latent_shape(params)), "null_label": 10,
+            "ddpm": {"num_train_timesteps": params.dit.num_train_timesteps, "beta_start": params.dit.beta_start,
+                     "beta_end": params.dit.beta_end}}
+    steps, guidance = params.teacher_pairs.ddim_steps, params.teacher_pairs.guidance_scale
+    labels = np.arange(n) % 10
+    seeds = sample_seeds(0, 0, n)
+    out: dict = {}
+
+    def pairs() -> float:
+        t0 = time.perf_counter()
+        for i in range(0, n, params.teacher_pairs.batch_size):
+            generate(teacher, meta, seeds[i : i + params.teacher_pairs.batch_size],
+                     labels[i : i + params.teacher_pairs.batch_size], steps=steps, guidance=guidance, device=device)
+        return n / (time.perf_counter() - t0)
+
+    out["teacher_pairs_per_s"] = timed(pairs, repeats)
+    vae = build_vae(latent_channels=params.vae.latent_channels, block_out_channels=params.vae.block_out_channels,
+                    layers_per_block=params.vae.layers_per_block,
+                    norm_num_groups=params.vae.norm_num_groups).to(device).eval()
+    z0 = per_sample_noise(seeds, latent_shape(params)).to(device)
+    y = torch.from_numpy(labels).to(device)
+    velocity = make_dit(params, learn_sigma=False).to(device).eval()
+    models = {"velocity": velocity}
+    if params.distill.student_num_layers or params.distill.student_attention_head_dim:
+        models["student"] = make_dit(params, learn_sigma=False,
+                                     num_layers=params.distill.student_num_layers or params.dit.num_layers,
+                                     attention_head_dim=params.distill.student_attention_head_dim
+                                     or params.dit.attention_head_dim).to(device).eval()
+    for name, model in models.items():
+        for nfe in sorted({1, steps}):
+            def sample(model=model, nfe=nfe) -> float:
+                t0 = time.perf_counter()
+                x = solve(velocity_field(model, y, null_label=10), z0, solver="euler", steps=nfe).x
+                decode_latents(vae, x, 1.0)
+                return n / (time.perf_counter() - t0)
+
+            out[f"sample_{name}_nfe{nfe}_images_per_s"] = timed(sample, repeats)
+    return out
+
+
+def pair_memory_child(params: Params, n: int, out: Path) -> None:
+    """One pair generation streamed shard by shard to zarr, as `teacher_pairs` does (2 DDIM steps: memory
+    does not depend on the step count)."""
+    from reflow.samplers import sample_seeds
+    from stages.teacher_pairs import generate
+    from storage.datasets import ShardedWriter
+
+    teacher = make_dit(params).eval()
+    shape = latent_shape(params)
+    meta = {"latent_shape": list(shape), "null_label": 10, "ddpm": {"num_train_timesteps": 1000}}
+    writer = ShardedWriter(out / "pairs.zarr", n_rows=n, shard_rows=256, kind="pairs", producer="bench",
+                           params_hash="bench", schema={"z0": (shape, "float32"), "z1": (shape, "float32"),
+                                                        "label": ((), "int64"), "seed": ((), "int64")})
+    for i in writer.pending():
+        start, stop = writer.shard_range(i)
+        seeds, labels = sample_seeds(0, start, stop), np.arange(start, stop) % 10
+        z0, z1, _ = generate(teacher, meta, seeds, labels, steps=2, guidance=2.0, device="cpu")
+        writer.write_shard(i, {"z0": z0.numpy(), "z1": z1.numpy(), "label": labels,
+                               "seed": np.asarray(seeds, dtype=np.int64)})
+    writer.finalize(out / "final.zarr")
+
+
+def bench_pair_memory(params_file: str, n: int) -> dict:
+    """Peak resident memory (MiB) of a pair generation of N and of 10N pairs, each in its own process."""
+    peaks = {}
+    for rows in (n, 10 * n):
+        with tempfile.TemporaryDirectory() as tmp:
+            res = subprocess.run([sys.executable, __file__, "--params", params_file, "--child-pairs", str(rows),
+                                  "--child-out", tmp], capture_output=True, text=True)
+            if res.returncode:
+                raise RuntimeError(res.stderr[-2000:])
+            peaks[rows] = float(res.stdout.split()[-1])
+    return {"pair_generation_peak_mib": {"n": n, "at_n": peaks[n], "at_10n": peaks[10 * n],
+                                         "ratio_10n_vs_n": peaks[10 * n] / peaks[n]}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The orchestration on an up-to-date workspace
+# ---------------------------------------------------------------------------------------------------------
+def bench_up_to_date(workspace: Path, repeats: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(workspace)}
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=workspace, env=env, capture_output=True,
+                            text=True)
+    if "up to date" not in status.stdout:
+        return {"dvc_repro_up_to_date_s": None, "reflow_run_up_to_date_s": None,
+                "up_to_date_note": f"{workspace}: not up to date (run `make demo` first); skipped"}
+
+    def wall(cmd: list[str]) -> Callable[[], float]:
+        def run() -> float:
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True)
+            if res.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+            return time.perf_counter() - t0
+        return run
+
+    return {"dvc_repro_up_to_date_s": timed(wall([sys.executable, "-m", "dvc", "repro"]), repeats),
+            "reflow_run_up_to_date_s": timed(wall([sys.executable, "-m", "flows.cli", "run"]), repeats, warmup=False)}
+
+
+def bench_demo() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["git", "clone", "-q", str(ROOT), tmp], check=True)
+        t0 = time.perf_counter()
+        res = subprocess.run(["make", "demo"], cwd=tmp, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    return {"make_demo_s": wall if res.returncode == 0 else None, "make_demo_ok": res.returncode == 0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+TARGETS = {"our_loop_vs_plain": ">= 0.95", "loader_vs_trainer": ">= 20", "dvc_repro_up_to_date_s": "<= 2 s",
+           "reflow_run_up_to_date_s": "<= 15 s", "pair_generation_peak_mib": "10N within 10 % of N",
+           "make_demo_s": "<= 1200 s with install"}
+
+
+def table(results: dict) -> str:
+    rows = []
+    for key, value in results["figures"].items():
+        if isinstance(value, dict) and "median" in value:
+            shown = f"{value['median']:.4g}"
+        elif isinstance(value, float):
+            shown = f"{value:.4g}"
+        elif isinstance(value, dict) and "ratio_10n_vs_n" in value:
+            shown = f"{value['at_n']:.0f} MiB at N={value['n']}, {value['at_10n']:.0f} MiB at 10N " \
+                    f"(x{value['ratio_10n_vs_n']:.3f})"
+        else:
+            shown = str(value)
+        rows.append((key, shown, TARGETS.get(key, "")))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}  {('target ' + t) if t else ''}".rstrip() for k, v, t in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"), help="params file describing the models")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--pairs", type=int, default=256, help="N for generation speed and memory")
+    parser.add_argument("--workspace", default=str(ROOT), help="an up-to-date pipeline for the dvc/reflow timings")
+    parser.add_argument("--demo", action="store_true", help="also time `make demo` on a fresh clone (20+ min)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench.json"))
+    parser.add_argument("--child-pairs", type=int, help=argparse.SUPPRESS)  # the memory probe's own process
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    if args.child_pairs:
+        pair_memory_child(params, args.child_pairs, Path(args.child_out))
+        print(peak_rss_mib())
+        return 0
+    torch.manual_seed(0)
+    figures: dict = {}
+    figures |= bench_training(params, args.train_steps, args.repeats)
+    figures |= bench_loader(params, args.repeats)
+    figures["loader_vs_trainer"] = (figures["loader_samples_per_s"]["median"]
+                                    / figures["dit_train_images_per_s"]["median"])
+    figures |= bench_generation(params, min(args.pairs, 256), args.repeats)
+    figures |= bench_pair_memory(args.params, args.pairs)
+    figures |= bench_up_to_date(Path(args.workspace), args.repeats)
+    if args.demo:
+        figures |= bench_demo()
+    results = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "device": torch.cuda.get_device_name(0) if device_of(params) == "cuda" else "cpu"},
+        "params": args.params, "repeats": args.repeats, "figures": figures,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\n{out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -108,7 +108,8 @@ def run(ctx: StageContext) -> dict:
     data = {name: torch.from_numpy(pairs.load(name)) for name in pairs.names if name not in ("seed", "segment")}
     data["label"] = data["label"].long()
 
-    _, eval_pairs = split_eval(load_pairs(ctx.dep("teacher_pairs") / "pairs.zarr"), p.eval_samples)
+    teacher = load_pairs(ctx.dep("teacher_pairs") / "pairs.zarr", meta)
+    _, eval_pairs = split_eval(teacher, p.eval_samples)
     student, copied = velocity_model_like(
         ctx.dep("dit"), init_from=source_dir if p.init_from_source else None, seed=compute.seed,
         num_layers=p.student_num_layers, attention_head_dim=p.student_attention_head_dim)

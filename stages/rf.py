@@ -29,8 +29,9 @@ def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.reflow, ctx.params.compute
     k = int(ctx.spec.name.split("@")[1])
     meta = teacher_meta(ctx.dep("teacher_pairs"), ctx.dep("dit"))
-    _, eval_pairs = split_eval(load_pairs(ctx.dep("teacher_pairs") / "pairs.zarr"), p.eval_samples)
-    data = load_pairs(ctx.dep("pairs") / "pairs.zarr")
+    teacher = load_pairs(ctx.dep("teacher_pairs") / "pairs.zarr", meta)
+    _, eval_pairs = split_eval(teacher, p.eval_samples)
+    data = load_pairs(ctx.dep("pairs") / "pairs.zarr", meta)
     model, copied = velocity_model_like(ctx.dep("dit"), init_from=ctx.dep("init") / "transformer", seed=compute.seed)
     objective = RectifiedFlowObjective(
         coupling="paired", null_label=meta["null_label"], label_dropout=p.label_dropout,

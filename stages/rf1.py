@@ -31,7 +31,7 @@ SPEC = StageSpec(
 def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.rf1, ctx.params.compute
     meta = teacher_meta(ctx.dep("pairs"), ctx.dep("dit"))
-    train_pairs, eval_pairs = split_eval(load_pairs(ctx.dep("pairs") / "pairs.zarr"), p.eval_samples)
+    train_pairs, eval_pairs = split_eval(load_pairs(ctx.dep("pairs") / "pairs.zarr", meta), p.eval_samples)
     if p.coupling == "paired":
         data = train_pairs
     else:

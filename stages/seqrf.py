@@ -36,7 +36,8 @@ def run(ctx: StageContext) -> dict:
     boundaries = [float(b) for b in pairs.attrs["boundaries"]]
     data = {name: torch.from_numpy(pairs.load(name)) for name in ("x_start", "x_end", "t_start", "t_end")}
     data["label"] = torch.from_numpy(pairs.load("label")).long()
-    _, eval_pairs = split_eval(load_pairs(ctx.dep("teacher_pairs") / "pairs.zarr"), p.eval_samples)
+    teacher = load_pairs(ctx.dep("teacher_pairs") / "pairs.zarr", meta)
+    _, eval_pairs = split_eval(teacher, p.eval_samples)
     model, copied = velocity_model_like(ctx.dep("dit"), init_from=ctx.dep("init") / "transformer", seed=compute.seed)
     objective = SegmentObjective(null_label=meta["null_label"], label_dropout=p.label_dropout,
                                  time_distribution=p.time_distribution, time_eps=p.time_eps, loss=p.loss)

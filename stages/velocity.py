@@ -27,8 +27,11 @@ from storage.datasets import open_dataset
 from storage.resume import FileResume
 
 
-def load_pairs(path, names=("z0", "z1", "label")) -> dict[str, torch.Tensor]:
-    ds = open_dataset(path, kind="pairs")
+def load_pairs(path, meta: dict, names=("z0", "z1", "label")) -> dict[str, torch.Tensor]:
+    """Pairs as tensors; their latents must have the teacher's shape, `meta["latent_shape"]` (else a
+    DatasetError naming `path`, instead of a shape error deep inside the model)."""
+    shape = tuple(meta["latent_shape"])
+    ds = open_dataset(path, kind="pairs", expect={n: shape if n in ("z0", "z1") else () for n in names})
     out = {n: torch.from_numpy(ds.load(n)) for n in names}
     out["label"] = out["label"].long()
     return out

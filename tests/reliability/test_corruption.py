@@ -118,3 +118,23 @@ def test_dvc_lock_hash_that_no_longer_matches(repo):
     step = next(s for s in report["steps"] if s["stage"] == "teacher_pairs")
     stale = [i for i in step["inputs"] if i["path"] == "artifacts/dit"]
     assert stale and stale[0]["stale"], "the DiT no longer joins teacher_pairs by hash"
+
+
+def test_pairs_of_the_wrong_latent_shape(repo):
+    """A dataset that is whole and checksummed but made for another model: refused by its shape, not by a
+    crash deep in the network."""
+    import numpy as np
+
+    from storage.datasets import open_dataset, write_dataset
+
+    pairs = repo / "artifacts/teacher_pairs/pairs.zarr"
+    good = open_dataset(pairs, kind="pairs")
+    n, (c, h, w) = good.n_rows, good["z0"].shape[1:]
+    extra = {k: v for k, v in good.attrs.items()
+             if k not in ("kind", "schema_version", "producer", "params_hash", "content_hash", "n_rows")}
+    wrong = np.zeros((n, c, 2 * h, 2 * w), np.float32)
+    write_dataset(pairs, {"z0": wrong, "z1": wrong, "label": good.load("label"), "seed": good.load("seed")},
+                  kind="pairs", producer="teacher_pairs", params_hash="other", attrs=extra)
+    before = tree_sha256(repo / "artifacts/rf1")
+    assert_refused(stage(repo, "rf1"), str(pairs), f"({c}, {h}, {w})")
+    assert tree_sha256(repo / "artifacts/rf1") == before

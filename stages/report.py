@@ -16,10 +16,13 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stages.common import StageContext, StageError, StageSpec, stage_main
+from stages.spec import StageSpec
 from storage.atomic import atomic_dir
+
+if TYPE_CHECKING:  # stages.common pulls in torch and diffusers; `reflow results` and the summary need neither
+    from stages.common import StageContext
 
 SPEC = StageSpec(name="report", params=(), deps={"artifacts": "artifacts"}, outs={"report": "reports"})
 TEACHER = "artifacts/dit"
@@ -201,6 +204,8 @@ def render(root: Path, evaluations: list[dict[str, Any]], plot_png: bytes, track
 
 
 def run(ctx: StageContext) -> dict:
+    from stages.common import StageError
+
     evaluations = load_evaluations(ctx.root)
     if not evaluations:
         raise StageError(f"no artifacts/evaluate@*/results.json in {ctx.root}: the report needs evaluated models")
@@ -216,6 +221,8 @@ def run(ctx: StageContext) -> dict:
 
 
 def main() -> int:
+    from stages.common import stage_main
+
     return stage_main(SPEC, run)
 
 

@@ -163,14 +163,22 @@ def _record_in_mlflow(stage: str, root: Path, outcome: StageOutcome, tracking_cf
     cache_policy=NO_CACHE,
     log_prints=False,
 )
-def dvc_stage(stage: str, root: str, timeout_s: float, tracking_cfg: dict[str, str]) -> StageOutcome:
-    """Run one DVC stage; leaves a Prefect artifact saying whether it ran, was skipped or restored."""
+def dvc_stage(stage: str, root: str, timeout_s: float, tracking_cfg: dict[str, str],
+              known_up_to_date: bool = False) -> StageOutcome:
+    """Run one DVC stage; leaves a Prefect artifact saying whether it ran, was skipped or restored.
+
+    `known_up_to_date`: the flow's `dvc status` found the stage and its inputs unchanged, so no `dvc repro`
+    is started for it (DVC would only say it skipped it).
+    """
     from storage.tracking import ENV_PARENT_RUN, ENV_PIPELINE_RUN
 
     logger = get_run_logger()
-    env = stage_env({ENV_PARENT_RUN: tracking_cfg["parent_run_id"],
-                     ENV_PIPELINE_RUN: tracking_cfg["pipeline_run_id"]})
-    outcome = run_stage_process(stage, Path(root), env=env, timeout_s=timeout_s, log=logger.info)
+    if known_up_to_date:
+        outcome = StageOutcome(stage, "skipped_up_to_date", 0.0)
+    else:
+        env = stage_env({ENV_PARENT_RUN: tracking_cfg["parent_run_id"],
+                         ENV_PIPELINE_RUN: tracking_cfg["pipeline_run_id"]})
+        outcome = run_stage_process(stage, Path(root), env=env, timeout_s=timeout_s, log=logger.info)
     safe_key = stage.replace("@", "-").replace("_", "-").lower()
     if outcome.status == "executed":
         logger.info("stage %s executed in %.1f s", stage, outcome.seconds)

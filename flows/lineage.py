@@ -30,9 +30,9 @@ def _number(value: float | None, signed: bool = False) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join(indent + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in [header, *rows])
+    from stages.report import text_table
+
+    return text_table(header, rows, indent=indent, rule=False)
 
 
 def _tracking(root: Path):

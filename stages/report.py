@@ -70,11 +70,12 @@ def results_table(evaluations: list[dict[str, Any]], measure: str = "fid") -> tu
     return header, rows
 
 
-def text_table(header: list[str], rows: list[list[str]]) -> str:
+def text_table(header: list[str], rows: list[list[str]], *, indent: str = "", rule: bool = True) -> str:
+    """Columns padded to their widest cell; `rule` draws a dashed line under the header."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-             for line in [header, ["-" * w for w in widths], *rows]]
-    return "\n".join(lines)
+    lines = [header, *([["-" * w for w in widths]] if rule else []), *rows]
+    return "\n".join(indent + "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
 
 
 def print_results(root: Path, measure: str = "fid") -> int:

@@ -10,14 +10,16 @@ unfinished shard and produces exactly the pairs an uninterrupted run would.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from reflow.data import save_grid
-from reflow.models import decode_latents, dit_epsilon, load_dit, load_vae
-from reflow.samplers import ddim, guided, per_sample_noise, sample_seeds
+from reflow.models import decode_latents, load_dit, load_vae
+from reflow.samplers import per_sample_noise, sample_seeds
 from stages.common import StageContext, StageSpec, generation_device, stage_main
+from stages.generator import Generator
 from stages.pairs import generate_pairs
 from storage.atomic import atomic_dir
 from storage.checkpoints import read_meta
@@ -43,10 +45,8 @@ def generate(model, meta: dict, seeds: list[int], labels: np.ndarray, *, steps: 
     """(z0, z1, nfe) for one batch: DDIM from each sample's own noise, guided on every channel."""
     shape = tuple(meta["latent_shape"])
     z0 = per_sample_noise(seeds, shape)
-    y = torch.from_numpy(labels).to(device)
-    field = guided(lambda x, t, c: dit_epsilon(model, x, t, c), y, null_label=meta["null_label"],
-                   scale=guidance)
-    res = ddim(field, z0.to(device), steps=steps, **meta["ddpm"])
+    teacher = Generator(model, "epsilon", meta, Path("artifacts/dit"), default_guidance=guidance)
+    res = teacher.sample(z0.to(device), torch.from_numpy(labels).to(device), steps=steps, solver="ddim")
     return z0, res.x.float().cpu(), res.nfe
 
 

@@ -36,6 +36,7 @@ from storage.hashing import file_sha256
 
 FIDELITY_CACHE = Path(".reflow") / "cache" / "fidelity"  # reference statistics, named by content hashes
 MEASURES = ("fid", "kid", "precision", "recall", "class_accuracy")
+STRAIGHTNESS_SAMPLES = 256  # per seed: the mean settles well before this
 
 
 def spec(key: str, model: str) -> StageSpec:
@@ -136,8 +137,8 @@ def run(ctx: StageContext) -> dict:
     straightness, measured = [], 0
     for seed in p.seeds:
         z0 = per_sample_noise(sample_seeds(seed, 0, p.num_samples), shape)
-        path_s = gen.straightness(z0[: min(256, len(z0))].to(device),
-                                  torch.from_numpy(labels[: min(256, len(z0))]).to(device),
+        k = min(STRAIGHTNESS_SAMPLES, len(z0))
+        path_s = gen.straightness(z0[:k].to(device), torch.from_numpy(labels[:k]).to(device),
                                   steps=p.straightness_steps, guidance=guidance)
         if path_s is not None:
             straightness.append(float(path_s.mean()))
@@ -184,8 +185,9 @@ def run(ctx: StageContext) -> dict:
                                                    "content_hash": reference_hash, "images": len(reference)},
         "samples_per_point": p.num_samples, "seeds": list(p.seeds), "labels": "sample i has class i mod K",
         "guidance_scale": guidance, "nfe": "network evaluations per sample, a guided call counted twice",
-        "straightness": f"E ∫ ||(X1 - X0) - v(X_t, t)||^2 dt, Euler with {p.straightness_steps} steps, "
-                        "first 256 samples of each seed" if straightness else "not defined for the DDIM teacher",
+        "straightness": (f"E ∫ ||(X1 - X0) - v(X_t, t)||^2 dt, Euler with {p.straightness_steps} steps, first "
+                         f"{STRAIGHTNESS_SAMPLES} samples of each seed") if straightness
+                        else "not defined for the DDIM teacher",
         "kid_subset_size": p.kid_subset_size, "prc_neighborhood": p.prc_neighborhood,
     }
     results = {"stage": ctx.spec.name, "protocol": protocol, "points": points, "skipped": skipped,

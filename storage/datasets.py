@@ -16,6 +16,13 @@ Group attrs: ``kind``, ``schema_version``, ``producer`` (DVC stage), ``params_ha
 
 :func:`write_dataset` writes a dataset that fits in memory in one go; :class:`ShardedWriter` writes
 one shard at a time with resumable progress, for generation runs that do not fit in memory.
+
+Locations: :func:`write_dataset` and :func:`open_dataset` take a local path or an fsspec URL
+(``memory://``, ``file://``, ``s3://bucket/key.zarr``, ``gs://``, chained ones like ``simplecache::s3://``),
+with the same layout, checks and content hash everywhere. ``file://`` URLs are local paths and keep the
+atomic rename; elsewhere (object stores have no rename) the group's ``zarr.json`` carrying ``content_hash``
+is written last, in one PUT, so an interrupted write reads as unfinished, never as a finished dataset.
+:class:`ShardedWriter` is local-only (it relies on ``os.replace``, ``fsync`` and ``flock``).
 """
 
 from __future__ import annotations
@@ -26,18 +33,20 @@ import itertools
 import json
 import math
 import os
+import posixpath
 import re
 import secrets
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 from storage.atomic import atomic_dir, atomic_write_json, fsync_dir, fsync_tree
 from storage.faults import crash_point
@@ -76,6 +85,69 @@ class DatasetError(ValueError):
 
 def _err(path: str | Path, msg: str) -> DatasetError:
     return DatasetError(f"dataset {path}: {msg}")
+
+
+# --------------------------------------------------------------------------- locations (path or fsspec URL)
+
+# `proto://...` or a chained `proto::proto://...` URL; a bare path (or a Path object) is local.
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*(://|::)")
+_LOCAL_PROTOCOLS = {"file", "local"}  # fsspec's names for the local filesystem
+# Where a protocol's fsspec backend comes from, when it is one this project declares.
+_BACKEND_INSTALL = {"s3": "pip install 'reflow[s3]' (or: pip install s3fs)", "s3a": "pip install 'reflow[s3]'"}
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """A dataset behind an fsspec URL: the URL as given (for messages), a sync filesystem for listing and
+    the path inside it, and the options to open zarr's FsspecStore with."""
+
+    url: str
+    fs: Any
+    root: str
+    storage_options: Mapping[str, Any]
+
+    def store(self, read_only: bool) -> FsspecStore:
+        return FsspecStore.from_url(self.url, storage_options=dict(self.storage_options) or None,
+                                    read_only=read_only)
+
+    def keys(self) -> set[str]:
+        """Every object under the dataset, relative to it (one listing instead of one request per shard)."""
+        prefix = self.root.rstrip("/") + "/"
+        try:
+            found = self.fs.find(self.root)
+        except Exception as e:  # network, credentials, permissions: the backends raise many types
+            raise _err(self.url, f"cannot list it ({type(e).__name__}: {e}); check the URL, the network "
+                                 "and the credentials for this storage") from e
+        return {posixpath.relpath(f, prefix) for f in found if f.startswith(prefix)}
+
+
+def _location(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> Path | _Remote:
+    """A local Path (plain paths and file:// URLs, which keep atomic renames) or a :class:`_Remote`."""
+    if isinstance(path, Path) or not _URL_RE.match(str(path)):
+        if storage_options:
+            raise _err(path, f"storage_options {sorted(storage_options)} given for a local path; "
+                             "expected them only with an fsspec URL")
+        return Path(path)
+    url = str(path)
+    protocol = re.split(r"://|::", url, maxsplit=1)[0].lower()
+    if protocol in _LOCAL_PROTOCOLS and "::" not in url.split("://", 1)[0]:
+        from fsspec.implementations.local import LocalFileSystem
+
+        return Path(LocalFileSystem._strip_protocol(url))
+    import fsspec.core
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as e:  # fsspec's message names the package ("Install s3fs to access S3")
+        how = _BACKEND_INSTALL.get(protocol, "install the fsspec backend package for it")
+        raise _err(url, f"no fsspec backend for {protocol}:// here ({e}); {how}") from e
+    except ValueError as e:
+        raise _err(url, f"not a usable URL ({e}); expected a local path or an fsspec URL such as "
+                        "memory://, file:// or s3://bucket/key.zarr") from e
+    except Exception as e:  # a backend that connects while being built (bad endpoint, credentials)
+        raise _err(url, f"cannot reach it ({type(e).__name__}: {e}); check the URL, the network and "
+                        "the credentials for this storage") from e
+    return _Remote(url=url, fs=fs, root=str(root), storage_options=dict(storage_options or {}))
 
 
 # --------------------------------------------------------------------------- layout helpers
@@ -190,9 +262,17 @@ def _shard_keys(arr: zarr.Array, row_shard: int | None = None) -> list[str]:
     return [enc.encode_chunk_key(tuple(c)) for c in itertools.product(*axes)]
 
 
-def _check_complete(path: Path, name: str, arr: zarr.Array) -> None:
-    """Every shard file implied by shape and shard size must exist (zarr reads gaps as zeros)."""
-    missing = [k for k in _shard_keys(arr) if not (path / name / k).is_file()]
+def _check_complete(
+    path: Path | str, name: str, arr: zarr.Array, has_key: Callable[[str], bool] | None = None
+) -> None:
+    """Every shard file implied by shape and shard size must exist (zarr reads gaps as zeros).
+
+    ``has_key`` answers for a key relative to the dataset (a URL's listing); default: a local file test.
+    """
+    if has_key is None:
+        local = Path(path)
+        has_key = lambda key: (local / key).is_file()  # noqa: E731
+    missing = [k for k in _shard_keys(arr) if not has_key(f"{name}/{k}")]
     if missing:
         shown = ", ".join(f"{name}/{k}" for k in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -234,26 +314,28 @@ def _stream_content_hash(path: Path, arrays: Mapping[str, zarr.Array], block_row
     return h.hexdigest()
 
 
-def _read_rows(path: Path, name: str, arr: zarr.Array, start: int | None, stop: int | None) -> np.ndarray:
+def _read_rows(path: Path | str, name: str, arr: zarr.Array, start: int | None, stop: int | None) -> np.ndarray:
     """Read rows, turning checksum/decoding failures into a DatasetError naming path and array."""
     try:
         return np.asarray(arr[slice(start, stop)])
     except DatasetError:
         raise
     except Exception as e:  # zarr raises ValueError (crc32c), zstd/IO errors: all mean a corrupt store
+        remote = "" if isinstance(path, Path) else ", or the storage could not be read (network, credentials)"
         raise _err(
             path,
             f"reading array {name!r} rows [{start}:{stop}] failed ({type(e).__name__}: {e}); "
-            "the data is corrupt or truncated. Re-run the producing stage.",
+            f"the data is corrupt or truncated{remote}. Re-run the producing stage.",
         ) from e
 
 
-def _open_store_group(path: Path, mode: str) -> zarr.Group:
+def _open_store_group(path: Path | _Remote, mode: str) -> zarr.Group:
+    where = path.url if isinstance(path, _Remote) else path
     try:
-        store = LocalStore(path, read_only=(mode == "r"))
+        store = path.store(mode == "r") if isinstance(path, _Remote) else LocalStore(path, read_only=(mode == "r"))
         return zarr.open_group(store=store, mode=mode, zarr_format=3)  # type: ignore[arg-type]
     except Exception as e:
-        raise _err(path, f"not a zarr v3 group ({type(e).__name__}: {e}); expected a dataset directory") from e
+        raise _err(where, f"not a zarr v3 group ({type(e).__name__}: {e}); expected a dataset directory") from e
 
 
 def _jsonable_attrs(path: Path, attrs: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -292,9 +374,17 @@ def write_dataset(
     producer: str,
     params_hash: str,
     attrs: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write ``arrays`` as a dataset at ``path`` (atomically replacing it); return the content hash."""
-    path = Path(path)
+    """Write ``arrays`` as a dataset at ``path`` (replacing it); return the content hash.
+
+    ``path`` is a local path (written in a temp sibling, then renamed: atomic) or an fsspec URL, with
+    ``storage_options`` for its filesystem (e.g. ``{"endpoint_url": ...}`` for s3://). At a URL the old
+    dataset is deleted first and the group attrs with ``content_hash`` are written last, so a reader sees
+    either the finished dataset or one that :func:`open_dataset` refuses as unfinished.
+    """
+    loc = _location(path, storage_options)
+    path = loc.url if isinstance(loc, _Remote) else loc
     if not arrays:
         raise _err(path, "no arrays given; expected at least one")
     canon: dict[str, np.ndarray] = {}
@@ -311,14 +401,28 @@ def write_dataset(
     content_hash = compute_content_hash(canon)
     group_attrs = _base_attrs(path, kind=kind, producer=producer, params_hash=params_hash, n_rows=n_rows, attrs=attrs)
     group_attrs["content_hash"] = content_hash
-    with atomic_dir(path) as tmp:
-        group = zarr.open_group(store=LocalStore(tmp), mode="w", zarr_format=3)
+
+    def fill(group: zarr.Group) -> None:
         for name, a in canon.items():
             chunk, shard = _auto_layout(n_rows, _row_bytes(a.shape[1:], a.dtype))
             arr = _create_array(group, name, n_rows, a.shape[1:], a.dtype, chunk, shard)
             if n_rows:
                 arr[...] = a
         group.attrs.update(group_attrs)
+
+    if isinstance(loc, Path):
+        with atomic_dir(loc) as tmp:
+            fill(zarr.open_group(store=LocalStore(tmp), mode="w", zarr_format=3))
+        return content_hash
+    try:
+        # mode="w" deletes whatever is at the URL and writes zarr.json without content_hash; `fill`
+        # rewrites it with the hash at the very end: that last PUT is what makes the dataset finished.
+        fill(zarr.open_group(store=loc.store(read_only=False), mode="w", zarr_format=3))
+    except DatasetError:
+        raise
+    except Exception as e:  # network, credentials, permissions, a full disk: the backends raise many types
+        raise _err(loc.url, f"writing failed ({type(e).__name__}: {e}); nothing finished is there now "
+                            "(no content_hash). Check the URL, the network and the credentials, then retry.") from e
     return content_hash
 
 
@@ -328,7 +432,7 @@ def write_dataset(
 class Dataset:
     """A validated, read-only dataset. Index it by array name to get the zarr array."""
 
-    def __init__(self, path: Path, attrs: dict[str, Any], arrays: dict[str, zarr.Array]) -> None:
+    def __init__(self, path: Path | str, attrs: dict[str, Any], arrays: dict[str, zarr.Array]) -> None:
         self.path = path
         self.attrs = attrs
         self._arrays = arrays
@@ -392,24 +496,37 @@ def open_dataset(
     kind: str | None = None,
     expect: Mapping[str, tuple[int, ...]] | None = None,
     verify: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Dataset:
     """Open and validate a dataset; every problem raises :class:`DatasetError` naming ``path``.
 
-    Checks attrs and schema version, ``kind``, expected arrays and row shapes (``expect`` maps
-    name -> row shape, ``-1`` matches any size), that all arrays share ``n_rows`` and that every
-    shard file exists. ``verify=True`` also re-reads everything and checks the content hash
-    (every chunk's crc32c is checked on the way).
+    ``path`` is a local path or an fsspec URL (``storage_options`` go to its filesystem). Checks attrs
+    and schema version, ``kind``, expected arrays and row shapes (``expect`` maps name -> row shape,
+    ``-1`` matches any size), that all arrays share ``n_rows`` and that every shard file exists.
+    ``verify=True`` also re-reads everything and checks the content hash (every chunk's crc32c is
+    checked on the way).
     """
-    path = Path(path)
-    if not path.exists():
-        raise _err(path, "does not exist; expected a zarr dataset directory (has its stage run?)")
-    if not path.is_dir() or not (path / "zarr.json").is_file():
-        raise _err(path, "is not a zarr v3 group (no zarr.json); expected a dataset directory")
-    group = _open_store_group(path, "r")
+    loc = _location(path, storage_options)
+    has_key: Callable[[str], bool] | None = None
+    if isinstance(loc, _Remote):
+        path, keys = loc.url, loc.keys()
+        has_key = keys.__contains__
+        if not keys:
+            raise _err(path, "does not exist (nothing at that URL); expected a zarr dataset written there")
+        if "zarr.json" not in keys:
+            raise _err(path, "is not a zarr v3 group (no zarr.json); expected a dataset written there")
+    else:
+        path = loc
+        if not path.exists():
+            raise _err(path, "does not exist; expected a zarr dataset directory (has its stage run?)")
+        if not path.is_dir() or not (path / "zarr.json").is_file():
+            raise _err(path, "is not a zarr v3 group (no zarr.json); expected a dataset directory")
+    group = _open_store_group(loc, "r")
     attrs = dict(group.attrs)
     missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
     if missing:
-        hint = " (an unfinished ShardedWriter output has no content_hash)" if "content_hash" in missing else ""
+        hint = (" (an unfinished ShardedWriter output, or an interrupted write to a URL, has no content_hash)"
+                if "content_hash" in missing else "")
         raise _err(path, f"group attrs missing {missing}; expected all of {list(_REQUIRED_ATTRS)}{hint}")
     if attrs["schema_version"] != SCHEMA_VERSION:
         raise _err(
@@ -419,7 +536,10 @@ def open_dataset(
         )
     if kind is not None and attrs["kind"] != kind:
         raise _err(path, f"kind {attrs['kind']!r} found, expected {kind!r}")
-    arrays = dict(group.arrays())
+    try:
+        arrays = dict(group.arrays())
+    except Exception as e:  # a URL's storage failing mid-way; locally, damaged array metadata
+        raise _err(path, f"cannot open its arrays ({type(e).__name__}: {e})") from e
     if not arrays:
         raise _err(path, "contains no arrays; expected at least one")
     rows = {name: int(a.shape[0]) if a.ndim else None for name, a in arrays.items()}
@@ -434,7 +554,7 @@ def open_dataset(
         if not _row_shape_matches(found, tuple(row_shape)):
             raise _err(path, f"array {name!r} row shape {found} found, expected {tuple(row_shape)} (-1 = any size)")
     for name, arr in arrays.items():
-        _check_complete(path, name, arr)
+        _check_complete(path, name, arr, has_key)
     ds = Dataset(path, attrs, arrays)
     if verify:
         ds.verify()
@@ -458,6 +578,10 @@ class ShardedWriter:
     ``shard_rows`` is rounded up to a multiple of the inner chunk of the widest-row array
     (``ceil(1 MiB / bytes_per_row)`` rows) unless it is smaller than that chunk; :attr:`shard_rows`
     is the effective value. Aim for shards of ~64 MiB.
+
+    Local paths only: resuming and finishing rely on ``flock``, ``fsync`` and an atomic ``os.replace``,
+    which object stores lack. To put a large generated dataset behind a URL, finish it locally and push
+    it with DVC (``dvc push`` to an S3 remote), or copy it and check it with ``open_dataset(url, verify=True)``.
     """
 
     def __init__(

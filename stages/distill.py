@@ -70,9 +70,12 @@ def make_pairs(ctx: StageContext, meta: dict, source_dir, device: str) -> dict[s
     schema |= {"label": ((), "int64"), "seed": ((), "int64")}
     attrs = {"source": p.source, "solver": "euler", "solver_steps": p.solver_steps, "per_segment": p.per_segment,
              "base_seed": p.seed, **({"boundaries": boundaries} if boundaries else {}), **meta}
-    return generate_pairs(ctx, final=ctx.scratch / "distill_pairs.zarr", n_rows=p.num_samples,
-                          shard_rows=min(256, p.num_samples), batch_size=256, attrs=attrs, make_batch=make_batch,
-                          desc="distillation pairs", schema=schema)
+    writer, stats = generate_pairs(ctx, n_rows=p.num_samples, shard_rows=min(256, p.num_samples), batch_size=256,
+                                   attrs=attrs, make_batch=make_batch, desc="distillation pairs", schema=schema)
+    if ctx.is_main:
+        writer.finalize(ctx.scratch / "distill_pairs.zarr")
+    ctx.barrier()  # every process trains on them
+    return stats
 
 
 def lpips_on_decoded(ctx: StageContext, meta: dict, device: str):
@@ -134,7 +137,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def main() -> int:
-    return stage_main(SPEC, run)
+    return stage_main(SPEC, run, distributed=True)
 
 
 if __name__ == "__main__":

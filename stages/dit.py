@@ -50,6 +50,8 @@ def run(ctx: StageContext) -> dict:
     cfg = train_config(p, compute.seed)
     result = train(model, objective, {"z1": z1, "label": labels}, cfg, accelerator,
                    resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="dit")
+    if not ctx.is_main:  # every process trained its share of each batch; the main one saves
+        return {}
     out = ctx.out("model")
     n_params = sum(q.numel() for q in result.ema.parameters())
     save_model(result.ema.to("cpu"), out, meta={
@@ -63,7 +65,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def main() -> int:
-    return stage_main(SPEC, run)
+    return stage_main(SPEC, run, distributed=True)
 
 
 if __name__ == "__main__":

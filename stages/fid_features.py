@@ -43,6 +43,8 @@ def run(ctx: StageContext) -> dict:
     data = {"images": torch.from_numpy(images[fit_idx]), "labels": torch.from_numpy(labels[fit_idx])}
     result = train(net, classifier_loss, data, cfg, make_accelerator(compute.device, compute.mixed_precision),
                    resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="fid_features")
+    if not ctx.is_main:  # every process trained its share of each batch; the main one measures and saves
+        return {}
     net = result.ema.to("cpu")
     accuracy = float((classify(net, images[held_idx]).numpy() == labels[held_idx]).mean())
     chance = float(np.bincount(labels[held_idx]).max() / len(held_idx))
@@ -53,7 +55,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def main() -> int:
-    return stage_main(SPEC, run)
+    return stage_main(SPEC, run, distributed=True)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@
 Rows are produced by `make_batch(start, stop)` from per-sample seeds, so any shard can be regenerated
 bit for bit. Finished shards live in the stage's scratch directory; a rerun after a kill regenerates
 only the unfinished ones, and the dataset is moved into the output directory once, when complete.
+With several processes (`compute.num_processes`), each writes its share of the unfinished shards into
+the same scratch dataset and the main process finalizes it: the same bytes as one process would write.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,29 +36,40 @@ def segment_rows(x_start, x_end, segment: np.ndarray, boundaries: list[float]) -
 
 
 def generate_pairs(
-    ctx: StageContext, *, final: Path, n_rows: int, shard_rows: int, batch_size: int, schema: Schema,
-    attrs: dict, make_batch: BatchFn, desc: str,
-) -> dict[str, float]:
-    """Fill `final` (a zarr dataset path inside an `atomic_dir`) with `n_rows` rows; returns throughput stats."""
+    ctx: StageContext, *, n_rows: int, shard_rows: int, batch_size: int, schema: Schema, attrs: dict,
+    make_batch: BatchFn, desc: str,
+) -> tuple[ShardedWriter, dict[str, float]]:
+    """Write every shard of `n_rows` rows into the scratch area; returns the complete writer and throughput.
+
+    In every process of the stage: each generates its share of the unfinished shards, and all return once
+    every shard is on disk. Only the main process may then `finalize` the writer (into the output).
+    """
     writer = ShardedWriter(ctx.scratch / "pairs.zarr", n_rows=n_rows, shard_rows=shard_rows, schema=schema,
                            kind="pairs", attrs=attrs, **ctx.attrs())
     pending = writer.pending()
-    todo = sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in pending)
-    bar = tqdm(total=n_rows, initial=n_rows - todo, desc=desc, unit="pair", mininterval=1.0)
+    ctx.barrier()  # every process splits the same list: all have read it before any writes a shard
+    mine = pending[ctx.rank :: ctx.world]
+
+    def rows(shards: list[int]) -> int:
+        return sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in shards)
+
+    todo = rows(pending)
+    bar = tqdm(total=n_rows - todo + rows(mine), initial=n_rows - todo, desc=desc, unit="pair", mininterval=1.0,
+               disable=not ctx.is_main)
     t0 = time.perf_counter()
-    for shard in pending:
+    for shard in mine:
         start, stop = writer.shard_range(shard)
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in schema}
+        parts: dict[str, list[np.ndarray]] = {column: [] for column in schema}
         for b in range(start, stop, batch_size):
             e = min(b + batch_size, stop)
-            for name, value in make_batch(b, e).items():
-                parts[name].append(value)
+            for column, value in make_batch(b, e).items():
+                parts[column].append(value)
             bar.update(e - b)
         writer.write_shard(shard, {k: np.concatenate(v) for k, v in parts.items()})
     bar.close()
+    ctx.barrier()  # the dataset is complete only when every process's shards are
     elapsed = time.perf_counter() - t0
-    writer.finalize(final)
     stats = {"pairs": float(n_rows), "generated_this_run": float(todo)}
     if todo:
         stats["pairs_per_s"] = todo / elapsed
-    return stats
+    return writer, stats

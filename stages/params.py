@@ -51,8 +51,11 @@ class ComputeParams(Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    num_threads: int | None = Field(None, gt=0)  # None: every core
+    num_threads: int | None = Field(None, gt=0)  # None: every core (each of N processes: cores / N)
     seed: int = 0
+    # Training and generation stages run in this many processes under `accelerate launch` (data-parallel
+    # training, generation shards split by rank); on GPU one process per device.
+    num_processes: int = Field(1, gt=0)
 
 
 class TrackingParams(Strict):

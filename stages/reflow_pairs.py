@@ -75,12 +75,13 @@ def run(ctx: StageContext) -> dict:
     attrs = {"round": int(ctx.spec.name.split("@")[1]), "from_model": str(ctx.spec.deps["model"]),
              "direction": p.direction, "solver": p.solver, "solver_steps": p.solver_steps, "rtol": p.rtol,
              "atol": p.atol, "base_seed": p.seed, **meta}
-    with atomic_dir(ctx.out("pairs")) as tmp:
-        stats = generate_pairs(
-            ctx, final=tmp / "pairs.zarr", n_rows=p.num_samples, shard_rows=p.shard_size,
-            batch_size=p.pairs_batch_size, attrs=attrs, make_batch=make_batch, desc=ctx.spec.name,
-            schema={"z0": (shape, "float32"), "z1": (shape, "float32"), "label": ((), "int64"),
-                    "seed": ((), "int64")})
+    writer, stats = generate_pairs(
+        ctx, n_rows=p.num_samples, shard_rows=p.shard_size, batch_size=p.pairs_batch_size, attrs=attrs,
+        make_batch=make_batch, desc=ctx.spec.name,
+        schema={"z0": (shape, "float32"), "z1": (shape, "float32"), "label": ((), "int64"), "seed": ((), "int64")})
+    if ctx.is_main:  # the other processes wrote their shards; the main one writes the output
+        with atomic_dir(ctx.out("pairs")) as tmp:
+            writer.finalize(tmp / "pairs.zarr")
     return {**stats, "nfe_per_sample": float(nfe["per_sample"])}
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or not args[0].isdigit():
         print("usage: python -m stages.reflow_pairs K   (K: the reflow round, 2 or more)", file=sys.stderr)
         return 2
-    return stage_main(spec(args[0]), run)
+    return stage_main(spec(args[0]), run, distributed=True)
 
 
 if __name__ == "__main__":

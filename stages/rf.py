@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or not args[0].isdigit():
         print("usage: python -m stages.rf K   (K: the reflow round, 2 or more)", file=sys.stderr)
         return 2
-    return stage_main(spec(args[0]), run)
+    return stage_main(spec(args[0]), run, distributed=True)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def main() -> int:
-    return stage_main(SPEC, run)
+    return stage_main(SPEC, run, distributed=True)
 
 
 if __name__ == "__main__":

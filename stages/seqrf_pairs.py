@@ -75,7 +75,8 @@ def run(ctx: StageContext) -> dict:
                                          torch.tensor(grid, dtype=torch.float64), k)
     idx = boundary_indices(boundaries, p.teacher_steps)
     boundaries = [grid[i] for i in idx]
-    print(f"seqrf boundaries ({p.boundaries}): {[round(b, 4) for b in boundaries]}")
+    if ctx.is_main:
+        print(f"seqrf boundaries ({p.boundaries}): {[round(b, 4) for b in boundaries]}")
 
     segment_times = [grid[i : j + 1] for i, j in zip(idx[:-1], idx[1:], strict=True)]
 
@@ -98,16 +99,18 @@ def run(ctx: StageContext) -> dict:
 
     attrs = {"from_model": "artifacts/rf1", "segments": k, "boundaries": boundaries, "boundary_rule": p.boundaries,
              "start": p.start, "teacher_steps": p.teacher_steps, "solver": "euler", "base_seed": p.seed, **meta}
-    with atomic_dir(ctx.out("pairs")) as tmp:
-        stats = generate_pairs(
-            ctx, final=tmp / "pairs.zarr", n_rows=p.num_samples, shard_rows=p.shard_size,
-            batch_size=p.pairs_batch_size, attrs=attrs, make_batch=make_batch, desc="seqrf_pairs",
-            schema=segment_schema(shape) | {"label": ((), "int64"), "seed": ((), "int64")})
+    writer, stats = generate_pairs(
+        ctx, n_rows=p.num_samples, shard_rows=p.shard_size, batch_size=p.pairs_batch_size, attrs=attrs,
+        make_batch=make_batch, desc="seqrf_pairs",
+        schema=segment_schema(shape) | {"label": ((), "int64"), "seed": ((), "int64")})
+    if ctx.is_main:  # the other processes wrote their shards; the main one writes the output
+        with atomic_dir(ctx.out("pairs")) as tmp:
+            writer.finalize(tmp / "pairs.zarr")
     return {**stats, **{f"boundary_{i}": float(b) for i, b in enumerate(boundaries)}}
 
 
 def main() -> int:
-    return stage_main(SPEC, run)
+    return stage_main(SPEC, run, distributed=True)
 
 
 if __name__ == "__main__":

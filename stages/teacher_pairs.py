@@ -69,13 +69,15 @@ def run(ctx: StageContext) -> dict:
                                              guidance=p.guidance_scale, device=device)
         return {"z0": z0.numpy(), "z1": z1.numpy(), "label": labels, "seed": np.asarray(seeds, dtype=np.int64)}
 
+    writer, stats = generate_pairs(
+        ctx, n_rows=p.num_samples, shard_rows=p.shard_size, batch_size=p.batch_size, attrs=attrs,
+        make_batch=make_batch, desc="teacher pairs",
+        schema={"z0": (shape, "float32"), "z1": (shape, "float32"), "label": ((), "int64"), "seed": ((), "int64")})
+    if not ctx.is_main:  # the other processes wrote their shards; the main one writes the output
+        return stats
     out = ctx.out("pairs")
     with atomic_dir(out) as tmp:
-        stats = generate_pairs(
-            ctx, final=tmp / "pairs.zarr", n_rows=p.num_samples, shard_rows=p.shard_size,
-            batch_size=p.batch_size, attrs=attrs, make_batch=make_batch, desc="teacher pairs",
-            schema={"z0": (shape, "float32"), "z1": (shape, "float32"), "label": ((), "int64"),
-                    "seed": ((), "int64")})
+        writer.finalize(tmp / "pairs.zarr")
         # Labels are i mod K, so a grid K wide shows one class per column.
         n_grid = min(p.grid_samples, p.num_samples)
         z1 = torch.from_numpy(open_dataset(tmp / "pairs.zarr", kind="pairs").read("z1", 0, n_grid))
@@ -86,7 +88,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def main() -> int:
-    return stage_main(SPEC, run)
+    return stage_main(SPEC, run, distributed=True)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ def run(ctx: StageContext) -> dict:
                        resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="vae")
         vae = result.ema
         metrics["train_loss"] = result.last_loss
+    if not ctx.is_main:  # every process trained its share of each batch; the main one measures and saves
+        return {}
     vae.eval()
     latent_std, recon_mse = latent_stats(vae, reference)
     scale = p.scale_factor or (vae.config.scaling_factor if p.pretrained else 1.0 / latent_std)
@@ -88,7 +90,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def main() -> int:
-    return stage_main(SPEC, run)
+    return stage_main(SPEC, run, distributed=True)
 
 
 if __name__ == "__main__":

@@ -78,8 +78,11 @@ def evaluate_and_save(ctx: StageContext, p: VelocityTrainParams, result: TrainRe
 
     `move_in` maps names in the output directory to finished paths (e.g. generated pairs in the scratch
     area) that become part of the output in the same atomic rename. `sampler` is the model's own way
-    of taking n steps (reflow.metrics.Sampler).
+    of taking n steps (reflow.metrics.Sampler). Only the main process evaluates and saves; the others,
+    done with their share of the training, return no metrics.
     """
+    if not ctx.is_main:
+        return {}
     model = result.ema.to("cpu").eval()
     null = meta["null_label"]
     field = velocity_field(model, eval_pairs["label"], null_label=null)

@@ -9,6 +9,7 @@ apply `_reference_fixes`, so a saved and reloaded model behaves exactly as the o
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from diffusers.models.embeddings import LabelEmbedding, Timesteps  # noqa: E402
 
 # The network sees time as t * TIME_SCALE: DiT's sinusoidal embedding was built for steps 0..999.
 TIME_SCALE = 999.0
+REFERENCE_NORM_EPS = 1e-6  # facebookresearch/DiT's LayerNorm epsilon (diffusers defaults to 1e-5)
+DIT_SUBFOLDER = "transformer"  # where a diffusers DiTPipeline folder keeps its DiT
 
 
 class ModelLoadError(ValueError):
@@ -93,18 +96,30 @@ def build_dit(
             sample_size=sample_size,
             patch_size=patch_size,
             num_embeds_ada_norm=num_classes,
-            norm_eps=1e-6,
+            norm_eps=REFERENCE_NORM_EPS,
         )
         _adaln_zero_init(model)
     return _reference_fixes(model)
 
 
 def load_dit(path: str | Path) -> DiTTransformer2DModel:
+    """A DiT from a diffusers model folder, or from a pipeline folder holding one in `transformer/`.
+
+    The released DiT weights (facebook/DiT-XL-2-256) come as a `DiTPipeline` folder whose `transformer/config.json`
+    names the legacy `Transformer2DModel` class (diffusers maps it to `DiTTransformer2DModel`) and records no
+    `norm_eps`: those weights were trained with the reference LayerNorm epsilon 1e-6, not diffusers' default 1e-5.
+    """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path}: no DiT here (expected a diffusers folder with config.json)")
+    if not (path / "config.json").is_file() and (path / DIT_SUBFOLDER / "config.json").is_file():
+        path = path / DIT_SUBFOLDER
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{path}: no DiT here (expected a diffusers folder with config.json, or a pipeline "
+                             f"folder with {DIT_SUBFOLDER}/config.json such as facebook/DiT-XL-2-256)")
     try:
-        model = DiTTransformer2DModel.from_pretrained(path)
+        recorded = json.loads(config.read_text())
+        extra = {} if "norm_eps" in recorded else {"norm_eps": REFERENCE_NORM_EPS}
+        model = DiTTransformer2DModel.from_pretrained(path, **extra)
     except Exception as exc:  # safetensors, JSON and shape errors come in many types; all mean "unusable"
         raise ModelLoadError(f"{path}: the DiT's weights or config cannot be loaded ({exc.__class__.__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); the checkpoint is truncated or "

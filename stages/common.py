@@ -250,7 +250,7 @@ def launch_argv(spec: StageSpec, processes: int, mixed_precision: str) -> list[s
 
 def launch(ctx: StageContext, params: Params, *, run_id: str) -> dict[str, Any]:
     """Run the stage's `run` in `compute.num_processes` processes; returns the main process's metrics."""
-    from accelerate.commands.launch import launch_command, launch_command_parser
+    from accelerate.commands.launch import launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -282,7 +282,7 @@ def launch(ctx: StageContext, params: Params, *, run_id: str) -> dict[str, Any]:
             elastic_log.setLevel(logging.CRITICAL)
         os.environ.update(env)
         try:
-            launch_command(args)
+            _multi_process_launch(args)
         except ChildFailedError as exc:
             raise LaunchError(_launch_failure(ctx, n, launch_dir, exc.failures)) from None
         except SignalException as exc:
@@ -298,6 +298,41 @@ def launch(ctx: StageContext, params: Params, *, run_id: str) -> dict[str, Any]:
         return json.loads(metrics_file.read_text())
 
 
+def _multi_process_launch(args: Any) -> None:
+    """`accelerate launch` with these parsed arguments (its `--multi_gpu` path: torchrun on this machine), with
+    torchrun's rendezvous store listening on the loopback device only.
+
+    torchrun's own store listens on every interface; a store that already serves the port in this process
+    is reused instead (TCPStore's multi_tenant), so one is opened on 127.0.0.1 first, between accelerate
+    choosing the port and torchrun starting. Otherwise this is accelerate's `multi_gpu_launcher`.
+    """
+    import datetime
+    import socket
+
+    import torch.distributed.run as torchrun
+    from accelerate.commands.launch import _validate_launch_command
+    from accelerate.utils import check_cuda_p2p_ib_support, patch_environment
+    from accelerate.utils.launch import _filter_args, prepare_multi_gpu_env
+    from torch.distributed import TCPStore
+
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)  # picks the free port (--main_process_port 0) into args.master_port
+    if not check_cuda_p2p_ib_support():  # GPUs without P2P/InfiniBand (RTX 40xx): as accelerate sets it
+        env.setdefault("NCCL_P2P_DISABLE", "1")
+        env.setdefault("NCCL_IB_DISABLE", "1")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", int(args.master_port)))
+        sock.listen(128)
+        store = TCPStore("127.0.0.1", int(args.master_port), is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(minutes=30), multi_tenant=True, master_listen_fd=sock.fileno())
+        sock.detach()  # the store owns the descriptor now and closes it itself
+    torchrun_args = _filter_args(args, torchrun.get_args_parser(), [
+        "--training_script", args.training_script, "--training_script_args", args.training_script_args])
+    with patch_environment(**env):
+        torchrun.run(torchrun_args)
+    del store  # torchrun is done with it: the server closes with the last reference
+
+
 def _launch_failure(ctx: StageContext, n: int, launch_dir: Path, failures: dict) -> str:
     """One message for a failed launch: the user errors the processes reported (each once), else which died."""
     details: dict[str, list[int]] = {}
@@ -307,8 +342,10 @@ def _launch_failure(ctx: StageContext, n: int, launch_dir: Path, failures: dict)
         return next(iter(details))
     if details:
         return "; ".join(f"process {', '.join(map(str, ranks))} of {n}: {d}" for d, ranks in details.items())
+    # The cause, not its echoes: a process that saw a peer vanish, or that the launcher itself stopped with
+    # SIGTERM once another had failed, comes last.
     echoes = {int(f.name.rsplit("-", 1)[1]) for f in launch_dir.glob("peer-lost-*")}
-    rank, failure = min(({r: f for r, f in failures.items() if r not in echoes} or failures).items())
+    rank, failure = min(failures.items(), key=lambda rf: (rf[0] in echoes, rf[1].exitcode == -signal.SIGTERM, rf[0]))
     if failure.exitcode < 0:
         how = f"was killed by {signal.Signals(-failure.exitcode).name}"
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch import nn
 
 from reflow.models import build_vae, images_to_unit, load_vae, unit_to_images, vae_downsampling
 from reflow.train import make_accelerator, train
@@ -27,6 +28,25 @@ SPEC = StageSpec(
 )
 
 
+class VAETraining(nn.Module):
+    """The VAE's training pass (encode, sample the posterior, decode) as one `forward`.
+
+    Data-parallel training wraps the model in DDP, which synchronises gradients only for work done
+    through its `forward`; calling `encode`/`decode` on the wrapper is not possible and on the VAE
+    itself would skip that.
+    """
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator, device=x.device)
+        z = posterior.mean + posterior.std * noise
+        return self.vae.decode(z).sample, posterior.kl()
+
+
 class VAEObjective:
     """Reconstruction MSE in [-1, 1] plus a small KL to keep the latent space smooth."""
 
@@ -35,11 +55,8 @@ class VAEObjective:
 
     def __call__(self, model, batch, generator, step):
         x = images_to_unit(batch["images"])
-        posterior = model.encode(x).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator, device=x.device)
-        z = posterior.mean + posterior.std * noise
-        recon = model.decode(z).sample
-        return (recon.float() - x).pow(2).mean() + self.kl_weight * posterior.kl().mean()
+        recon, kl = model(x, generator)
+        return (recon.float() - x).pow(2).mean() + self.kl_weight * kl.mean()
 
 
 @torch.inference_mode()
@@ -69,9 +86,9 @@ def run(ctx: StageContext) -> dict:
                         seed=compute.seed)
         accelerator = make_accelerator(compute.device, compute.mixed_precision)
         cfg = train_config(p, compute.seed)
-        result = train(vae, VAEObjective(p.kl_weight), {"images": train_images}, cfg, accelerator,
+        result = train(VAETraining(vae), VAEObjective(p.kl_weight), {"images": train_images}, cfg, accelerator,
                        resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="vae")
-        vae = result.ema
+        vae = result.ema.vae
         metrics["train_loss"] = result.last_loss
     if not ctx.is_main:  # every process trained its share of each batch; the main one measures and saves
         return {}

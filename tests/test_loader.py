@@ -1,0 +1,116 @@
+"""Training batches from RAM or chunk by chunk from a real zarr dataset (reflow.loader)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from reflow.loader import ChunkedSource, EpochSampler, InMemorySource, batch_source, dataset_bytes
+from storage.datasets import open_dataset, write_dataset
+
+ROW_SHAPE = (4, 16, 16)  # 4 KiB of float32 per row: 256 rows per ~1 MiB inner chunk
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """A real pairs dataset of several inner chunks whose rows carry their own index."""
+    n = 1100  # 4 full chunks of 256 rows and a partial one of 76
+    index = np.arange(n, dtype=np.int64)
+    z0 = np.broadcast_to(index[:, None, None, None], (n, *ROW_SHAPE)).astype(np.float32)
+    path = tmp_path_factory.mktemp("loader") / "pairs.zarr"
+    write_dataset(path, {"z0": z0, "z1": -z0, "label": index % 10, "index": index}, kind="pairs",
+                  producer="test", params_hash="0")
+    ds = open_dataset(path, kind="pairs")
+    assert ds.chunk_rows("z0") == 256 and ds.n_rows == n
+    return ds
+
+
+def epoch_rows(source, n: int, batch: int = 50) -> list[int]:
+    rows: list[int] = []
+    for step in range(-(-n // batch)):
+        rows += source.batch(step, batch, 0, batch)["index"].tolist()
+    return rows[:n]
+
+
+def test_chunked_epoch_visits_every_row_once_and_stays_in_chunks(pairs):
+    source = ChunkedSource(pairs, ["z0", "z1", "index"], seed=3)
+    rows = epoch_rows(source, pairs.n_rows)
+    assert sorted(rows) == list(range(pairs.n_rows))  # a permutation: every row exactly once per epoch
+    assert rows != sorted(rows)  # shuffled
+    # Chunk-level shuffling: the epoch walks chunk after chunk, so the chunk index changes only 4 times...
+    chunks = [r // 256 for r in rows]
+    assert sum(a != b for a, b in zip(chunks, chunks[1:], strict=False)) == source.n_chunks - 1
+    # ... but not in storage order, and each chunk was decoded once.
+    assert [c for i, c in enumerate(chunks) if i == 0 or c != chunks[i - 1]] != list(range(source.n_chunks))
+    assert source.chunks_read == source.n_chunks
+
+
+def test_chunked_rows_follow_their_arrays(pairs):
+    source = ChunkedSource(pairs, ["z0", "z1", "label", "index"], seed=0)
+    b = source.batch(7, 64, 0, 64)
+    idx = b["index"]
+    assert torch.equal(b["z0"][:, 0, 0, 0], idx.float()) and torch.equal(b["z1"], -b["z0"])
+    assert torch.equal(b["label"], idx % 10)
+
+
+def test_chunked_is_a_pure_function_of_seed_and_step(pairs):
+    a = ChunkedSource(pairs, ["index"], seed=11)
+    b = ChunkedSource(pairs, ["index"], seed=11)
+    late_first = b.batch(40, 64, 0, 64)["index"]  # another epoch first: no iterator state matters
+    for step in range(45):
+        got = a.batch(step, 64, 0, 64)["index"]
+        if step == 40:
+            assert torch.equal(got, late_first)
+    other = ChunkedSource(pairs, ["index"], seed=12)
+    assert not torch.equal(other.batch(0, 64, 0, 64)["index"], a.batch(0, 64, 0, 64)["index"])
+    # A new epoch visits the rows in a new order.
+    n = pairs.n_rows
+    first, second = epoch_rows(a, n), [a.batch(s, 1, 0, 1)["index"].item() for s in range(n, n + 50)]
+    assert second != first[:50]
+
+
+def test_chunked_held_out_rows_are_never_trained_on(pairs):
+    rows = 900  # the last 200 rows are an evaluation split
+    source = ChunkedSource(pairs, ["index"], seed=1, rows=rows)
+    seen = torch.cat([source.batch(s, 64, 0, 64)["index"] for s in range(60)])  # > 4 epochs
+    assert int(seen.max()) < rows and len(seen.unique()) == rows
+
+
+def test_ranks_take_disjoint_slices_of_one_global_batch(pairs):
+    for source in (ChunkedSource(pairs, ["index"], seed=5),
+                   InMemorySource({"index": torch.from_numpy(pairs.load("index"))}, seed=5)):
+        whole = source.batch(3, 64, 0, 64)["index"]
+        halves = torch.cat([source.batch(3, 64, r, 32)["index"] for r in (0, 1)])
+        assert torch.equal(whole, halves)
+
+
+def test_memory_stays_flat_in_chunks(pairs):
+    source = ChunkedSource(pairs, ["z0", "z1"], seed=2, cache_chunks=2)
+    for step in range(80):
+        source.batch(step, 64, 0, 64)
+        assert len(source._cache) <= 2
+
+
+def test_in_memory_source_is_the_epoch_permutation():
+    data = {"x": torch.arange(100)}
+    source = InMemorySource(data, seed=9)
+    sampler = EpochSampler(100, 9)
+    for step in (0, 1, 5, 17):
+        assert torch.equal(source.batch(step, 32, 0, 32)["x"], sampler.indices(step, 32, 0, 32))
+
+
+def test_batch_source_picks_by_ram_budget(pairs):
+    names = ["z0", "z1", "label"]
+    size = dataset_bytes(pairs, names, 1000)
+    assert size == 1000 * (2 * 4 * 16 * 16 * 4 + 8)
+    big = batch_source(pairs, names, seed=0, rows=1000, ram_budget_bytes=size)
+    small = batch_source(pairs, names, seed=0, rows=1000, ram_budget_bytes=size - 1)
+    assert isinstance(big, InMemorySource) and isinstance(small, ChunkedSource)
+    a, b = big.batch(0, 16, 0, 16), small.batch(0, 16, 0, 16)
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+
+
+def test_bad_row_count_names_the_dataset(pairs):
+    with pytest.raises(ValueError, match="pairs.zarr.*2000 of 1100"):
+        ChunkedSource(pairs, ["z0"], seed=0, rows=2000)

@@ -39,8 +39,10 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# PRESET=presets/imagenet256.yaml: a GPU preset's models and the GPU path (bf16, TF32, SDPA, fused AdamW,
+# torch.compile, model FLOP utilisation) instead of the CPU demo's figures.
 bench: install
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(if $(PRESET),--preset $(PRESET))
 
 clean-artifacts:
 	rm -rf artifacts metrics dvc.lock mlflow.db .reflow

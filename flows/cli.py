@@ -164,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
 
-    from flows.lineage import add_commands
+    from flows import deploy, lineage, remote
 
-    add_commands(sub)
+    for module in (lineage, deploy, remote):  # each module owns its commands' arguments
+        module.add_commands(sub)
 
     return parser
 

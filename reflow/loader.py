@@ -19,12 +19,23 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
 Batch = dict[str, torch.Tensor]
+
+
+class BatchSource(Protocol):
+    """Rows to train on; `batch` is this rank's share of the global batch at `step`, on the training device."""
+
+    n: int
+
+    def to(self, device: torch.device | str) -> BatchSource: ...
+
+    def batch(self, step: int, global_batch: int, rank: int, local_batch: int) -> Batch: ...
 
 
 def mix_seed(*parts: int) -> int:
@@ -34,6 +45,17 @@ def mix_seed(*parts: int) -> int:
         h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+def as_tensor(name: str, rows: np.ndarray) -> torch.Tensor:
+    """A chunk's rows as a tensor; integer columns (labels, segment indices) become int64 as the models want."""
+    t = torch.from_numpy(np.ascontiguousarray(rows))
+    return t.long() if not t.is_floating_point() else t
+
+
+def _columns(names: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    """{batch key: array name}; a plain list of names keeps each name as its key."""
+    return dict(names) if isinstance(names, Mapping) else {n: n for n in names}
 
 
 def _permutation(n: int, *seed_parts: int) -> torch.Tensor:
@@ -81,6 +103,10 @@ class InMemorySource:
         self.n = next(iter(sizes.values()))
         self.sampler = EpochSampler(self.n, seed)
 
+    def to(self, device: torch.device | str) -> InMemorySource:
+        self.data = {k: v.to(device) for k, v in self.data.items()}
+        return self
+
     def batch(self, step: int, global_batch: int, rank: int, local_batch: int) -> Batch:
         idx = self.sampler.indices(step, global_batch, rank, local_batch)
         idx = idx.to(next(iter(self.data.values())).device)
@@ -90,24 +116,24 @@ class InMemorySource:
 class ChunkedSource:
     """Rows `[0, rows)` of a zarr dataset, read one inner chunk at a time with chunk-level shuffling.
 
-    `dataset` is a `storage.datasets.Dataset`; `names` the arrays to train on; `convert` turns a chunk's
-    NumPy arrays into tensors (dtype fixes such as labels to int64). At most `cache_chunks` decoded chunks
-    are kept, so memory stays flat however large the dataset is.
+    `dataset` is a `storage.datasets.Dataset` (or `StackedViews` of one); `names` the arrays to train on, or
+    {batch key: array name}; `convert` turns a chunk's NumPy rows into a tensor. At most `cache_chunks`
+    decoded chunks are kept, so memory stays flat however large the dataset is.
     """
 
-    def __init__(self, dataset, names: Sequence[str], seed: int, *, rows: int | None = None,
+    def __init__(self, dataset, names: Sequence[str] | Mapping[str, str], seed: int, *, rows: int | None = None,
                  device: torch.device | str = "cpu", cache_chunks: int = 4,
-                 convert: Callable[[str, np.ndarray], torch.Tensor] | None = None):
-        self.dataset, self.names, self.seed = dataset, list(names), seed
+                 convert: Callable[[str, np.ndarray], torch.Tensor] = as_tensor):
+        self.dataset, self.columns, self.seed = dataset, _columns(names), seed
         self.n = dataset.n_rows if rows is None else int(rows)
         if not 1 <= self.n <= dataset.n_rows:
             raise ValueError(f"{dataset.path}: training on {self.n} of {dataset.n_rows} rows; expected 1..n_rows")
         # The narrowest chunk grid (the widest rows) is one every array can be read along cheaply.
-        self.block = min(dataset.chunk_rows(name) for name in self.names)
+        self.block = min(dataset.chunk_rows(name) for name in self.columns.values())
         self.n_chunks = -(-self.n // self.block)
         self.sizes = torch.tensor([min(self.block, self.n - c * self.block) for c in range(self.n_chunks)])
         self.device, self.cache_chunks = torch.device(device), cache_chunks
-        self.convert = convert or (lambda name, a: torch.from_numpy(a))
+        self.convert = convert
         self._cache: OrderedDict[int, Batch] = OrderedDict()
         self._epoch: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._inner: dict[tuple[int, int], torch.Tensor] = {}
@@ -133,41 +159,46 @@ class ChunkedSource:
             self._cache.move_to_end(c)
             return self._cache[c]
         start, stop = c * self.block, c * self.block + int(self.sizes[c])
-        rows = {name: self.convert(name, self.dataset.read(name, start, stop)) for name in self.names}
+        rows = {key: self.convert(key, self.dataset.read(name, start, stop)) for key, name in self.columns.items()}
         self.chunks_read += 1
         self._cache[c] = rows
         while len(self._cache) > self.cache_chunks:
             self._cache.popitem(last=False)
         return rows
 
-    def rows_at(self, positions: torch.Tensor) -> list[tuple[int, int]]:
-        """(chunk, row inside the chunk) of each global position."""
-        out = []
-        for pos in positions.tolist():
-            epoch, q = divmod(pos, self.n)
+    def to(self, device: torch.device | str) -> ChunkedSource:
+        self.device = torch.device(device)
+        return self
+
+    def rows_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chunk, row inside that chunk) of each global position, vectorised per epoch."""
+        chunks = torch.empty_like(positions)
+        rows = torch.empty_like(positions)
+        epochs = positions.div(self.n, rounding_mode="floor")
+        for epoch in epochs.unique().tolist():
+            sel = epochs == epoch
+            q = positions[sel] - epoch * self.n
             order, cum = self._order(epoch)
-            slot = int(torch.searchsorted(cum, q, right=True))
-            chunk = int(order[slot])
-            offset = q - (int(cum[slot - 1]) if slot else 0)
-            out.append((chunk, int(self._inner_order(epoch, chunk)[offset])))
-        return out
+            slot = torch.searchsorted(cum, q, right=True)
+            chunk = order[slot]
+            offset = q - torch.where(slot > 0, cum[(slot - 1).clamp(min=0)], 0)
+            picked = torch.empty_like(q)
+            for c in chunk.unique().tolist():
+                mine = chunk == c
+                picked[mine] = self._inner_order(epoch, c)[offset[mine]]
+            chunks[sel], rows[sel] = chunk, picked
+        return chunks, rows
 
     def batch(self, step: int, global_batch: int, rank: int, local_batch: int) -> Batch:
-        where = self.rows_at(_positions(step, global_batch, rank, local_batch))
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
-        # Group by chunk (a batch spans one or two), keeping the batch's row order.
-        runs: list[tuple[int, list[int]]] = []
-        for chunk, row in where:
-            if runs and runs[-1][0] == chunk:
-                runs[-1][1].append(row)
-            else:
-                runs.append((chunk, [row]))
-        for chunk, rows in runs:
-            data = self._chunk(chunk)
-            index = torch.tensor(rows)
-            for name in self.names:
-                parts[name].append(data[name][index])
-        return {name: torch.cat(p).to(self.device) for name, p in parts.items()}
+        chunks, rows = self.rows_at(_positions(step, global_batch, rank, local_batch))
+        out = {key: [] for key in self.columns}
+        # Consecutive positions share a chunk, so a batch is one or two runs; their order is kept.
+        starts = [0] + [i for i in range(1, len(chunks)) if chunks[i] != chunks[i - 1]] + [len(chunks)]
+        for a, b in zip(starts, starts[1:], strict=False):
+            data = self._chunk(int(chunks[a]))
+            for key in self.columns:
+                out[key].append(data[key][rows[a:b]])
+        return {key: torch.cat(parts).to(self.device) for key, parts in out.items()}
 
 
 def available_memory_bytes() -> int:
@@ -182,22 +213,55 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def dataset_bytes(dataset, names: Sequence[str], rows: int) -> int:
+def dataset_bytes(dataset, names: Sequence[str] | Mapping[str, str], rows: int) -> int:
     """Decoded size of `rows` rows of the named arrays."""
     total = 0
-    for name in names:
+    for name in _columns(names).values():
         arr = dataset[name]
         total += rows * int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
     return total
 
 
-def batch_source(dataset, names: Sequence[str], seed: int, *, rows: int | None = None,
-                 device: torch.device | str = "cpu", ram_budget_bytes: int | None = None,
-                 convert: Callable[[str, np.ndarray], torch.Tensor] | None = None):
-    """`InMemorySource` when rows `[0, rows)` fit in the RAM budget, else `ChunkedSource`."""
+def batch_source(dataset, names: Sequence[str] | Mapping[str, str], seed: int, *, rows: int | None = None,
+                 device: torch.device | str = "cpu", ram_budget_gb: float | None = None,
+                 convert: Callable[[str, np.ndarray], torch.Tensor] = as_tensor) -> BatchSource:
+    """`InMemorySource` when rows `[0, rows)` fit in the RAM budget (half the available memory when
+    `ram_budget_gb` is None), else `ChunkedSource`. `names`: arrays, or {batch key: array name}."""
     rows = dataset.n_rows if rows is None else rows
-    budget = available_memory_bytes() // 2 if ram_budget_bytes is None else ram_budget_bytes
-    convert = convert or (lambda name, a: torch.from_numpy(a))
-    if dataset_bytes(dataset, names, rows) <= budget:
-        return InMemorySource({n: convert(n, dataset.read(n, 0, rows)) for n in names}, seed, device)
-    return ChunkedSource(dataset, names, seed, rows=rows, device=device, convert=convert)
+    budget = available_memory_bytes() // 2 if ram_budget_gb is None else int(ram_budget_gb * 2**30)
+    columns = _columns(names)
+    if dataset_bytes(dataset, columns, rows) <= budget:
+        return InMemorySource({key: convert(key, dataset.read(name, 0, rows)) for key, name in columns.items()},
+                              seed, device)
+    return ChunkedSource(dataset, columns, seed, rows=rows, device=device, convert=convert)
+
+
+class StackedViews:
+    """Same-shaped arrays of one dataset read as one array `len(views)` times longer, view after view.
+
+    The DiT trains on latents and their mirror images (`z1`, `z1_flip`) as rows of one epoch; this gives
+    `ChunkedSource` that epoch without writing the stack anywhere. `views` maps a name to its arrays, one
+    per view (the same array twice for columns shared by the views, such as labels).
+    """
+
+    def __init__(self, dataset, views: Mapping[str, Sequence[str]]):
+        counts = {len(v) for v in views.values()}
+        if len(counts) != 1:
+            raise ValueError(f"{dataset.path}: every column needs one array per view, got {dict(views)}")
+        self.dataset, self.views, self.path = dataset, {k: list(v) for k, v in views.items()}, dataset.path
+        self.n_views, self.rows_per_view = counts.pop(), dataset.n_rows
+        self.n_rows = self.n_views * self.rows_per_view
+
+    def __getitem__(self, name: str):
+        return self.dataset[self.views[name][0]]
+
+    def chunk_rows(self, name: str) -> int:
+        return min(self.dataset.chunk_rows(a) for a in self.views[name])
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        parts, n = [], self.rows_per_view
+        for view, array in enumerate(self.views[name]):
+            lo, hi = max(start, view * n), min(stop, (view + 1) * n)
+            if lo < hi:
+                parts.append(self.dataset.read(array, lo - view * n, hi - view * n))
+        return np.concatenate(parts)

@@ -23,9 +23,9 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
+from reflow.loader import Batch, BatchSource, InMemorySource, mix_seed
 from storage.faults import crash_point
 
-Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch, torch.Generator, int], torch.Tensor]  # (model, batch, generator, step)
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -64,38 +64,6 @@ class TrainResult:
     resumed_from: int
 
 
-def mix_seed(*parts: int) -> int:
-    """A stable 63-bit seed from integers (SplitMix64 finaliser over a running combination)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-class EpochSampler:
-    """Indices of the batch at a given step: consecutive slices of a fresh permutation per epoch."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                mix_seed(self.seed, epoch)))}
-        return self._perms[epoch]
-
-    def indices(self, step: int, global_batch: int, rank: int, local_batch: int) -> torch.Tensor:
-        start = step * global_batch + rank * local_batch
-        positions = torch.arange(start, start + local_batch)
-        out = torch.empty(local_batch, dtype=torch.long)
-        for epoch in positions.div(self.n, rounding_mode="floor").unique().tolist():
-            sel = positions.div(self.n, rounding_mode="floor") == epoch
-            out[sel] = self._perm(epoch)[positions[sel] % self.n]
-        return out
-
-
 def make_accelerator(device: str, mixed_precision: str) -> Accelerator:
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
@@ -109,7 +77,7 @@ def make_accelerator(device: str, mixed_precision: str) -> Accelerator:
 def train(
     model: nn.Module,
     loss_fn: LossFn,
-    data: Batch,
+    data: Batch | BatchSource,
     cfg: TrainConfig,
     accelerator: Accelerator,
     *,
@@ -117,11 +85,11 @@ def train(
     log: LogFn | None = None,
     desc: str = "train",
 ) -> TrainResult:
-    """Train `model` on the in-RAM tensors `data` (rows on the first axis) for `cfg.steps` steps."""
-    n = len(next(iter(data.values())))
+    """Train `model` for `cfg.steps` steps on `data`: tensors in RAM (rows on the first axis), or a
+    `reflow.loader` source (`ChunkedSource` for datasets larger than the RAM budget)."""
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
-    data = {k: v.to(device) for k, v in data.items()}
+    source = (InMemorySource(data, cfg.seed) if isinstance(data, dict) else data).to(device)
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
@@ -138,7 +106,6 @@ def train(
     ema.to(device)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    sampler = EpochSampler(n, cfg.seed)
     global_batch = cfg.batch_size * world
     window_loss, window_steps, window_t0 = torch.zeros((), device=device), 0, time.perf_counter()
     last_loss, images_per_s = float("nan"), 0.0
@@ -157,8 +124,7 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", mininterval=1.0,
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in range(start, cfg.steps):
-        idx = sampler.indices(step, global_batch, rank, cfg.batch_size).to(device)
-        batch = {k: v[idx] for k, v in data.items()}
+        batch = source.batch(step, global_batch, rank, cfg.batch_size)
         generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, step, rank, 1))
         with accelerator.autocast():
             loss = loss_fn(model, batch, generator, step)

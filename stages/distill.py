@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reflow.loader import batch_source
 from reflow.losses import LPIPSLoss
 from reflow.models import load_dit, load_vae
 from reflow.rectified import OneStepDistillObjective, SegmentObjective, velocity_field
@@ -23,7 +24,13 @@ from reflow.samplers import euler, per_sample_noise, sample_seeds, time_grid
 from reflow.seqrf import segment_endpoints, seqrf_sample, seqrf_sampler
 from stages.common import StageContext, StageSpec, generation_device, stage_main
 from stages.pairs import generate_pairs, segment_rows, segment_schema
-from stages.velocity import evaluate_and_save, load_pairs, split_eval, teacher_meta, train_velocity, velocity_model_like
+from stages.velocity import (
+    evaluate_and_save,
+    held_out_pairs,
+    teacher_meta,
+    train_velocity,
+    velocity_model_like,
+)
 from storage.checkpoints import read_meta
 from storage.datasets import open_dataset
 
@@ -108,11 +115,9 @@ def run(ctx: StageContext) -> dict:
     pairs_path = ctx.scratch / "distill_pairs.zarr"
     stats = {} if pairs_path.exists() else make_pairs(ctx, meta, source_dir, device)
     pairs = open_dataset(pairs_path, kind="pairs")
-    data = {name: torch.from_numpy(pairs.load(name)) for name in pairs.names if name not in ("seed", "segment")}
-    data["label"] = data["label"].long()
-
-    teacher = load_pairs(ctx.dep("teacher_pairs") / "pairs.zarr", meta)
-    _, eval_pairs = split_eval(teacher, p.eval_samples)
+    data = batch_source(pairs, [name for name in pairs.names if name not in ("seed", "segment")], compute.seed,
+                        ram_budget_gb=compute.ram_budget_gb)
+    _, eval_pairs = held_out_pairs(ctx.dep("teacher_pairs") / "pairs.zarr", meta, p.eval_samples)
     student, copied = velocity_model_like(
         ctx.dep("dit"), init_from=source_dir if p.init_from_source else None, seed=compute.seed,
         num_layers=p.student_num_layers, attention_head_dim=p.student_attention_head_dim)

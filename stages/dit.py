@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-import torch
-
 from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
+from reflow.loader import StackedViews, batch_source
 from reflow.models import build_dit, load_dit, null_label
 from reflow.train import make_accelerator, train
 from stages.common import StageContext, StageSpec, stage_main, train_config
@@ -32,10 +30,13 @@ def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.dit, ctx.params.compute
     latents = open_dataset(ctx.dep("latents") / "latents.zarr", kind="latents")
     views = ["z1", "z1_flip"] if p.mirrored else ["z1"]
-    z1 = torch.from_numpy(np.concatenate([latents.load(v) for v in views]))
-    labels = torch.from_numpy(np.tile(latents.load("labels"), len(views))).long()
+    # Every view of every image is a row of the epoch: in RAM when it fits compute.ram_budget_gb, else read
+    # chunk by chunk.
+    rows = StackedViews(latents, {"z1": views, "label": ["labels"] * len(views)})
+    cfg = train_config(p, compute.seed)
+    data = batch_source(rows, ["z1", "label"], cfg.seed, ram_budget_gb=compute.ram_budget_gb)
     num_classes = int(latents.attrs["num_classes"])
-    channels, size = z1.shape[1], z1.shape[-1]
+    channels, size = latents["z1"].shape[1], latents["z1"].shape[-1]
     if p.pretrained:
         model = load_dit(ctx.root / p.pretrained)
     else:
@@ -47,8 +48,7 @@ def run(ctx: StageContext) -> dict:
     objective = DDPMObjective(scheduler, null_label=null_label(model), label_dropout=p.label_dropout,
                               learn_sigma=p.learn_sigma)
     accelerator = make_accelerator(compute.device, compute.mixed_precision)
-    cfg = train_config(p, compute.seed)
-    result = train(model, objective, {"z1": z1, "label": labels}, cfg, accelerator,
+    result = train(model, objective, data, cfg, accelerator,
                    resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="dit")
     if not ctx.is_main:  # every process trained its share of each batch; the main one saves
         return {}

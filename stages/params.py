@@ -56,6 +56,10 @@ class ComputeParams(Strict):
     # Training and generation stages run in this many processes under `accelerate launch` (data-parallel
     # training, generation shards split by rank); on GPU one process per device.
     num_processes: int = Field(1, gt=0)
+    # Training rows above this size are read chunk by chunk from zarr (chunk-level shuffling) instead of held
+    # in RAM. A fixed number, not "what this machine has": the two orders differ, so the result must not
+    # depend on the machine a stage happens to run on.
+    ram_budget_gb: float = Field(8.0, gt=0)
 
 
 class TrackingParams(Strict):

@@ -11,7 +11,14 @@ import sys
 from reflow.rectified import RectifiedFlowObjective
 from stages.common import StageContext, StageSpec, stage_main
 from stages.reflow_pairs import previous_model
-from stages.velocity import evaluate_and_save, load_pairs, split_eval, teacher_meta, train_velocity, velocity_model_like
+from stages.velocity import (
+    evaluate_and_save,
+    held_out_pairs,
+    teacher_meta,
+    train_velocity,
+    training_rows,
+    velocity_model_like,
+)
 
 
 def spec(k: int | str) -> StageSpec:
@@ -29,9 +36,8 @@ def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.reflow, ctx.params.compute
     k = int(ctx.spec.name.split("@")[1])
     meta = teacher_meta(ctx.dep("teacher_pairs"), ctx.dep("dit"))
-    teacher = load_pairs(ctx.dep("teacher_pairs") / "pairs.zarr", meta)
-    _, eval_pairs = split_eval(teacher, p.eval_samples)
-    data = load_pairs(ctx.dep("pairs") / "pairs.zarr", meta)
+    _, eval_pairs = held_out_pairs(ctx.dep("teacher_pairs") / "pairs.zarr", meta, p.eval_samples)
+    data = training_rows(ctx.dep("pairs") / "pairs.zarr", meta, compute)
     model, copied = velocity_model_like(ctx.dep("dit"), init_from=ctx.dep("init") / "transformer", seed=compute.seed)
     objective = RectifiedFlowObjective(
         coupling="paired", null_label=meta["null_label"], label_dropout=p.label_dropout,

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-import torch
-
+from reflow.loader import batch_source
 from reflow.rectified import RectifiedFlowObjective
 from stages.common import StageContext, StageSpec, stage_main
-from stages.velocity import evaluate_and_save, load_pairs, split_eval, teacher_meta, train_velocity, velocity_model_like
+from stages.velocity import (
+    evaluate_and_save,
+    held_out_pairs,
+    teacher_meta,
+    train_velocity,
+    training_rows,
+    velocity_model_like,
+)
 from storage.datasets import open_dataset
 
 SPEC = StageSpec(
@@ -31,13 +36,13 @@ SPEC = StageSpec(
 def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.rf1, ctx.params.compute
     meta = teacher_meta(ctx.dep("pairs"), ctx.dep("dit"))
-    train_pairs, eval_pairs = split_eval(load_pairs(ctx.dep("pairs") / "pairs.zarr", meta), p.eval_samples)
+    n_train, eval_pairs = held_out_pairs(ctx.dep("pairs") / "pairs.zarr", meta, p.eval_samples)
     if p.coupling == "paired":
-        data = train_pairs
+        data = training_rows(ctx.dep("pairs") / "pairs.zarr", meta, compute, rows=n_train)
     else:
         latents = open_dataset(ctx.dep("latents") / "latents.zarr", kind="latents")
-        data = {"z1": torch.from_numpy(latents.load("z1")),
-                "label": torch.from_numpy(latents.load("labels").astype(np.int64))}
+        data = batch_source(latents, {"z1": "z1", "label": "labels"}, compute.seed,
+                            ram_budget_gb=compute.ram_budget_gb)
     model, copied = velocity_model_like(ctx.dep("dit"), init_from=ctx.dep("dit") if p.init_from_teacher else None,
                                         seed=compute.seed)
     objective = RectifiedFlowObjective(
@@ -46,7 +51,7 @@ def run(ctx: StageContext) -> dict:
     result = train_velocity(ctx, p, compute, model, data, objective, desc="rf1")
     metrics = evaluate_and_save(ctx, p, result, eval_pairs, vae_dir=ctx.dep("vae"), kind="rf1",
                                 meta={**meta, "coupling": p.coupling, "round": 1})
-    return {**metrics, "tensors_from_teacher": float(copied), "training_rows": float(len(data["z1"]))}
+    return {**metrics, "tensors_from_teacher": float(copied), "training_rows": float(data.n)}
 
 
 def main() -> int:

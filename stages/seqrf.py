@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
+from reflow.loader import batch_source
 from reflow.rectified import SegmentObjective
 from reflow.seqrf import seqrf_sampler
 from stages.common import StageContext, StageSpec, stage_main
-from stages.velocity import evaluate_and_save, load_pairs, split_eval, teacher_meta, train_velocity, velocity_model_like
+from stages.velocity import (
+    evaluate_and_save,
+    held_out_pairs,
+    teacher_meta,
+    train_velocity,
+    velocity_model_like,
+)
 from storage.datasets import open_dataset
 
 SPEC = StageSpec(
@@ -34,10 +39,9 @@ def run(ctx: StageContext) -> dict:
     meta = teacher_meta(ctx.dep("teacher_pairs"), ctx.dep("dit"))
     pairs = open_dataset(ctx.dep("pairs") / "pairs.zarr", kind="pairs")
     boundaries = [float(b) for b in pairs.attrs["boundaries"]]
-    data = {name: torch.from_numpy(pairs.load(name)) for name in ("x_start", "x_end", "t_start", "t_end")}
-    data["label"] = torch.from_numpy(pairs.load("label")).long()
-    teacher = load_pairs(ctx.dep("teacher_pairs") / "pairs.zarr", meta)
-    _, eval_pairs = split_eval(teacher, p.eval_samples)
+    data = batch_source(pairs, ("x_start", "x_end", "t_start", "t_end", "label"), compute.seed,
+                        ram_budget_gb=compute.ram_budget_gb)
+    _, eval_pairs = held_out_pairs(ctx.dep("teacher_pairs") / "pairs.zarr", meta, p.eval_samples)
     model, copied = velocity_model_like(ctx.dep("dit"), init_from=ctx.dep("init") / "transformer", seed=compute.seed)
     objective = SegmentObjective(null_label=meta["null_label"], label_dropout=p.label_dropout,
                                  time_distribution=p.time_distribution, time_eps=p.time_eps, loss=p.loss)

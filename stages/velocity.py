@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from reflow.data import save_grid
+from reflow.loader import BatchSource, as_tensor, batch_source
 from reflow.metrics import Sampler, flow_errors
 from reflow.models import build_dit, decode_latents, init_where_shapes_match, load_dit, load_vae
 from reflow.rectified import RectifiedFlowObjective, velocity_field
@@ -23,26 +24,33 @@ from stages.common import StageContext, train_config
 from stages.params import ComputeParams, VelocityTrainParams
 from storage.atomic import atomic_dir
 from storage.checkpoints import read_meta, save_model
-from storage.datasets import open_dataset
+from storage.datasets import Dataset, open_dataset
 from storage.resume import FileResume
 
 
-def load_pairs(path, meta: dict, names=("z0", "z1", "label")) -> dict[str, torch.Tensor]:
-    """Pairs as tensors; their latents must have the teacher's shape, `meta["latent_shape"]` (else a
+def _pairs(path, meta: dict, names) -> Dataset:
+    """The pairs dataset; its latents must have the teacher's shape, `meta["latent_shape"]` (else a
     DatasetError naming `path`, instead of a shape error deep inside the model)."""
     shape = tuple(meta["latent_shape"])
-    ds = open_dataset(path, kind="pairs", expect={n: shape if n in ("z0", "z1") else () for n in names})
-    out = {n: torch.from_numpy(ds.load(n)) for n in names}
-    out["label"] = out["label"].long()
-    return out
+    return open_dataset(path, kind="pairs", expect={n: shape if n in ("z0", "z1") else () for n in names})
 
 
-def split_eval(pairs: dict[str, torch.Tensor], eval_samples: int) -> tuple[dict, dict]:
-    """(train, eval): the last `eval_samples` rows are held out."""
-    n = len(pairs["z1"])
-    if eval_samples >= n:
-        raise ValueError(f"eval_samples={eval_samples} leaves no training pairs out of {n}; lower it")
-    return {k: v[: n - eval_samples] for k, v in pairs.items()}, {k: v[n - eval_samples :] for k, v in pairs.items()}
+def training_rows(path, meta: dict, compute: ComputeParams, *, names=("z0", "z1", "label"),
+                  rows: int | None = None) -> BatchSource:
+    """Rows `[0, rows)` of a pairs dataset to train on: in RAM within `compute.ram_budget_gb`, else read chunk
+    by chunk (reflow.loader). Shapes are checked as in `held_out_pairs`."""
+    return batch_source(_pairs(path, meta, names), names, compute.seed, rows=rows,
+                        ram_budget_gb=compute.ram_budget_gb)
+
+
+def held_out_pairs(path, meta: dict, eval_samples: int, names=("z0", "z1", "label")) -> tuple[int, dict]:
+    """(rows before the held-out ones, the last `eval_samples` pairs as tensors): never trained on by `rf1`."""
+    ds = _pairs(path, meta, names)
+    if eval_samples >= ds.n_rows:
+        raise ValueError(f"eval_samples={eval_samples} leaves no training pairs out of {ds.n_rows} in {path}; "
+                         "lower it")
+    start = ds.n_rows - eval_samples
+    return start, {n: as_tensor(n, ds.read(n, start, ds.n_rows)) for n in names}
 
 
 def velocity_model_like(teacher_dir, *, init_from=None, seed: int = 0, num_layers: int | None = None,
@@ -63,7 +71,8 @@ def velocity_model_like(teacher_dir, *, init_from=None, seed: int = 0, num_layer
     return model, copied
 
 
-def train_velocity(ctx: StageContext, p: VelocityTrainParams, compute: ComputeParams, model, data: dict,
+def train_velocity(ctx: StageContext, p: VelocityTrainParams, compute: ComputeParams, model,
+                   data: dict | BatchSource,
                    objective: RectifiedFlowObjective, desc: str) -> TrainResult:
     cfg = train_config(p, compute.seed)
     return train(model, objective, data, cfg, make_accelerator(compute.device, compute.mixed_precision),

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from reflow.train import EpochSampler, NonFiniteLossError, TrainConfig, make_accelerator, train
+from reflow.loader import EpochSampler
+from reflow.train import NonFiniteLossError, TrainConfig, make_accelerator, train
 from storage.resume import FileResume
 
 

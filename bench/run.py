@@ -359,6 +359,10 @@ def bench_gpu_path(params: Params, steps: int, repeats: int, peak: float | None,
 
         return step
 
+    # A cold compile, as a stage's first run pays it: inductor's on-disk cache would otherwise turn a repeat
+    # benchmark's 70 s into 2 s (the cache lives in /tmp/torchinductor_<user> between processes).
+    cache = tempfile.TemporaryDirectory(prefix="bench-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     steps_fns, first_s = {}, {}
     for name, knob in knobs.items():
         try:
@@ -379,6 +383,7 @@ def bench_gpu_path(params: Params, steps: int, repeats: int, peak: float | None,
         sync()
         return steps * p.batch_size / (time.perf_counter() - t0)
 
+    cache.cleanup()
     for step in steps_fns.values():  # one unrecorded run each
         rate(step)
     runs: dict[str, list[float]] = {name: [] for name in steps_fns}

@@ -129,6 +129,24 @@ def generation_device(compute: Any) -> str:
     return "cuda"
 
 
+def generation_autocast(compute: Any):
+    """The precision of sampling and pair generation: `compute.mixed_precision` as autocast (bf16/fp16 matmuls,
+    the ODE state stays fp32), and TF32 for what stays fp32 on CUDA, as the training loops have it. With
+    `mixed_precision: "no"` (the CPU default) it changes nothing, so pairs stay bitwise reproducible."""
+    import contextlib
+
+    import torch
+
+    device = generation_device(compute)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if compute.mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if compute.mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device.split(":")[0], dtype=dtype)
+
+
 def set_threads(params: ParamsView, processes: int = 1) -> None:
     """`compute.num_threads`, or the cores shared out among the stage's processes."""
     import torch

@@ -27,7 +27,7 @@ from reflow.data import save_grid
 from reflow.fid import INCEPTION, FeatureNet, classify, fidelity, register_classifier
 from reflow.models import decode_latents, load_vae
 from reflow.samplers import per_sample_noise, sample_seeds
-from stages.common import StageContext, StageError, StageSpec, generation_device, stage_main
+from stages.common import StageContext, StageError, StageSpec, generation_autocast, generation_device, stage_main
 from stages.generator import Generator, load_generator
 from storage.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
 from storage.datasets import open_dataset
@@ -148,8 +148,9 @@ def run(ctx: StageContext) -> dict:
                 per_point[(solver, steps)].append(json.loads(done.read_text()))
                 bar.update()
                 continue
-            images, nfe = generate_images(gen, vae, z0, labels, steps=steps, solver=solver, guidance=guidance,
-                                          batch_size=p.batch_size, device=device)
+            with generation_autocast(compute):
+                images, nfe = generate_images(gen, vae, z0, labels, steps=steps, solver=solver, guidance=guidance,
+                                              batch_size=p.batch_size, device=device)
             numbers = measure(images, labels, reference, judge, extractor=extractor, reference_name=reference_name,
                               cache_root=cache_root, seed=seed, eval_params=p)
             result = {"seed": seed, "nfe": nfe, **numbers}

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from stages.common import StageContext
+from stages.common import StageContext, generation_autocast
 from storage.datasets import ShardedWriter
 
 Schema = dict[str, tuple[tuple[int, ...], str]]
@@ -62,7 +62,9 @@ def generate_pairs(
         parts: dict[str, list[np.ndarray]] = {column: [] for column in schema}
         for b in range(start, stop, batch_size):
             e = min(b + batch_size, stop)
-            for column, value in make_batch(b, e).items():
+            with generation_autocast(ctx.params.compute):
+                batch = make_batch(b, e)
+            for column, value in batch.items():
                 parts[column].append(value)
             bar.update(e - b)
         writer.write_shard(shard, {k: np.concatenate(v) for k, v in parts.items()})

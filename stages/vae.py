@@ -14,7 +14,7 @@ from torch import nn
 
 from reflow.models import build_vae, images_to_unit, load_vae, unit_to_images, vae_downsampling
 from reflow.train import make_accelerator, train
-from stages.common import StageContext, StageSpec, stage_main, train_config
+from stages.common import StageContext, StageSpec, generation_device, stage_main, train_config
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
 from storage.resume import FileResume
@@ -92,7 +92,7 @@ def run(ctx: StageContext) -> dict:
         metrics["train_loss"] = result.last_loss
     if not ctx.is_main:  # every process trained its share of each batch; the main one measures and saves
         return {}
-    vae.eval()
+    vae.to(generation_device(compute)).eval()  # a pretrained VAE is measured on the GPU too, not left on the CPU
     latent_std, recon_mse = latent_stats(vae, reference)
     scale = p.scale_factor or (vae.config.scaling_factor if p.pretrained else 1.0 / latent_std)
     vae.register_to_config(scaling_factor=float(scale))

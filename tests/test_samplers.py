@@ -241,3 +241,27 @@ def test_per_sample_noise_regenerates_any_shard_bit_for_bit() -> None:
     assert torch.equal(whole[4], per_sample_noise([seeds[4]], (2, 4, 4))[0])
     assert not torch.equal(whole[0], whole[1])
     assert abs(per_sample_noise(sample_seeds(0, 0, 2000), (8,)).std().item() - 1.0) < 0.02
+
+
+def test_generation_precision_follows_compute_mixed_precision():
+    """Pair generation and sampling follow compute.mixed_precision: fp32 untouched by "no", bf16 matmuls by "bf16"."""
+    import types
+
+    from reflow.models import build_dit
+    from stages.common import generation_autocast
+
+    model = build_dit(sample_size=8, in_channels=4, num_classes=10, patch_size=2, num_layers=1,
+                      num_attention_heads=2, attention_head_dim=16, learn_sigma=False, seed=0).eval()
+    with torch.no_grad():  # adaLN-zero starts the output at exactly 0: give it something to compute
+        for q in model.parameters():
+            q.add_(0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())))
+    x, t, y = torch.randn(4, 4, 8, 8), torch.full((4,), 500), torch.arange(4)
+    with torch.inference_mode():
+        reference = model(x, timestep=t, class_labels=y).sample
+        outputs = {}
+        for precision in ("no", "bf16"):
+            with generation_autocast(types.SimpleNamespace(device="cpu", mixed_precision=precision)):
+                outputs[precision] = model(x, timestep=t, class_labels=y).sample
+    assert outputs["no"].dtype == torch.float32 and torch.equal(outputs["no"], reference)
+    assert outputs["bf16"].dtype == torch.bfloat16
+    assert 0 < (outputs["bf16"].float() - reference).abs().max() < 0.1

@@ -193,7 +193,7 @@ class ChunkedSource:
         chunks, rows = self.rows_at(_positions(step, global_batch, rank, local_batch))
         out = {key: [] for key in self.columns}
         # Consecutive positions share a chunk, so a batch is one or two runs; their order is kept.
-        starts = [0] + [i for i in range(1, len(chunks)) if chunks[i] != chunks[i - 1]] + [len(chunks)]
+        starts = [0, *(torch.nonzero(chunks[1:] != chunks[:-1]).flatten() + 1).tolist(), len(chunks)]
         for a, b in zip(starts, starts[1:], strict=False):
             data = self._chunk(int(chunks[a]))
             for key in self.columns:

@@ -172,14 +172,3 @@ def add_commands(subparsers) -> None:
     p.add_argument("--run-once", action="store_true", help="take the runs waiting now, finish them, and exit")
     p.add_argument("--api-url", help=f"Prefect API (default: PREFECT_API_URL, else {DEFAULT_API_URL})")
     p.set_defaults(func=cmd_worker)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reflow", description=__doc__)
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

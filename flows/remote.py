@@ -187,14 +187,3 @@ def add_commands(subparsers) -> None:
     p.add_argument("--local", action="store_true",
                    help="write .dvc/config.local (this machine only) instead of the committed .dvc/config")
     p.set_defaults(func=cmd_remote)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reflow", description=__doc__)
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

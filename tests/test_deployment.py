@@ -96,7 +96,7 @@ def test_deploy_and_worker_run_the_pipeline_in_the_workspace(tmp_path, prefect_s
     subprocess.run(["git", "add", "prefect.yaml"], cwd=repo, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "deployment"],
                    cwd=repo, check=True)
-    deploy = [sys.executable, "-m", "flows.deploy", "deploy"]
+    deploy = [sys.executable, "-m", "flows.cli", "deploy"]
 
     first = run(deploy, repo, env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -123,7 +123,7 @@ def test_deploy_and_worker_run_the_pipeline_in_the_workspace(tmp_path, prefect_s
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", submitted.stdout).group(1)
 
     log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([sys.executable, "-m", "flows.deploy", "worker", "--run-once"], cwd=repo, env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker", "--run-once"], cwd=repo, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         returncode = worker.wait(timeout=300)  # a guard against a hang, not a speed check
@@ -157,7 +157,7 @@ def test_deploy_without_a_server_says_how_to_start_one(tmp_path):
     shutil.copytree(ROOT / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
     for command in ("deploy", "worker"):
-        res = run([sys.executable, "-m", "flows.deploy", command, "--api-url", url], repo, dict(os.environ))
+        res = run([sys.executable, "-m", "flows.cli", command, "--api-url", url], repo, dict(os.environ))
         assert res.returncode == 2, res.stdout + res.stderr
         assert f"no Prefect server answers at {url}" in res.stderr and "reflow ui" in res.stderr
 

@@ -27,7 +27,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 
 def reflow_remote(cwd: Path, *args: str, block_plugin: bool = False) -> subprocess.CompletedProcess:
-    """`reflow remote ...` as a user runs it (`python -m flows.remote remote ...`), in a fresh interpreter.
+    """`reflow remote ...` as a user runs it (`python -m flows.cli remote ...`), in a fresh interpreter.
 
     block_plugin: make `import dvc_s3` fail in that interpreter, exactly as on an install without it.
     """
@@ -36,7 +36,7 @@ def reflow_remote(cwd: Path, *args: str, block_plugin: bool = False) -> subproce
         sys.path.insert(0, {str(ROOT)!r})
         if {block_plugin!r}:
             sys.modules["dvc_s3"] = None
-        from flows.remote import main
+        from flows.cli import main
         sys.exit(main(["remote", *{list(args)!r}]))
     """)
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)

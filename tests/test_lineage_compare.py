@@ -13,7 +13,7 @@ import sys
 import mlflow
 import pytest
 
-from flows.lineage import main
+from flows.cli import main
 from storage.lineage import (
     LineageError,
     ancestry,

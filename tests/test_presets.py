@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from accelerate.state import AcceleratorState
 from PIL import Image
 from ruamel.yaml import YAML
 
@@ -148,7 +149,13 @@ def test_bf16_autocast_trains_on_cpu():
     data = {"z1": torch.randn(32, 4, 4, 4), "label": torch.randint(0, 1000, (32,))}
     cfg = TrainConfig(steps=4, batch_size=8, lr=1e-3, ema_decay=0.9, grad_clip=1.0, log_every=2,
                       checkpoint_every=10**9)
-    result = train(model, objective, data, cfg, make_accelerator("cpu", "bf16"), desc="bf16")
+    # accelerate keeps one process-wide state: another test in this worker may have set mixed_precision "no"
+    # (a stage process makes one Accelerator, so only tests meet this). Start afresh and leave no bf16 behind.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        result = train(model, objective, data, cfg, make_accelerator("cpu", "bf16"), desc="bf16")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert seen and set(seen) == {torch.bfloat16}
     assert np.isfinite(result.last_loss)
     trained = result.ema.state_dict()

@@ -64,7 +64,15 @@ def _wait_http(url: str, timeout_s: float) -> bool:
     return False
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    # Ctrl-C and SIGTERM both stop the servers, also when started from a script in the background (a shell
+    # starts `cmd &` with SIGINT ignored, and Python would then never see Ctrl-C).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     from stages.params import load_params
     from storage.lineage import find_repo_root
     from storage.tracking import tracking_uri

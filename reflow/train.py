@@ -64,13 +64,18 @@ class TrainResult:
     resumed_from: int
 
 
+def enable_tf32() -> None:
+    """TF32 for the fp32 matmuls and convolutions left on CUDA (training and generation alike)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def make_accelerator(device: str, mixed_precision: str) -> Accelerator:
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("compute.device is 'cuda' but no CUDA device is visible")
     if not cpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 

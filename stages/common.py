@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from reflow.data import DataError  # noqa: E402
 from reflow.models import ModelLoadError  # noqa: E402
-from reflow.train import NonFiniteLossError, TrainConfig  # noqa: E402
+from reflow.train import NonFiniteLossError, TrainConfig, enable_tf32  # noqa: E402
 from stages.params import Params, ParamsError, ParamsView, TrainParams, load_params  # noqa: E402
 from stages.spec import StageSpec, resolve_path  # noqa: E402
 from storage import lineage, tracking  # noqa: E402
@@ -139,8 +139,7 @@ def generation_autocast(compute: Any):
 
     device = generation_device(compute)
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     if compute.mixed_precision == "no":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if compute.mixed_precision == "bf16" else torch.float16

@@ -47,6 +47,7 @@ def spec(key: str, model: str) -> StageSpec:
               "vae": "artifacts/vae", "teacher_pairs": "artifacts/teacher_pairs"},
         outs={"eval": f"artifacts/evaluate@{key}"},
         metrics=f"metrics/evaluate@{key}.json",
+        note="every model on one protocol: evaluate@dit, @rf1, @rf2, ... (params: evaluate_models)",
     )
 
 

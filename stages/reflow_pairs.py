@@ -28,14 +28,16 @@ def previous_model(k: int | str) -> str:
     return "rf1" if int(k) == 2 else f"rf@{int(k) - 1}"
 
 
-def spec(k: int | str) -> StageSpec:
+def spec(k: int | str, model: str | None = None) -> StageSpec:
+    """Round k's stage; `model` (default: `previous_model(k)`) is the stage it starts from."""
     return StageSpec(
         name=f"reflow_pairs@{k}",
         params=("compute", "reflow"),
-        deps={"model": f"artifacts/{previous_model(k)}", "latents": "artifacts/extract",
+        deps={"model": f"artifacts/{model or previous_model(k)}", "latents": "artifacts/extract",
               "teacher_pairs": "artifacts/teacher_pairs", "dit": "artifacts/dit"},
         outs={"pairs": f"artifacts/reflow_pairs@{k}"},
         metrics=f"metrics/reflow_pairs@{k}.json",
+        note="one stage per reflow round: reflow_pairs@2, @3, ... (params: reflow_rounds)",
     )
 
 

@@ -24,7 +24,8 @@ from storage.atomic import atomic_dir
 if TYPE_CHECKING:  # stages.common pulls in torch and diffusers; `reflow results` and the summary need neither
     from stages.common import StageContext
 
-SPEC = StageSpec(name="report", params=(), deps={"artifacts": "artifacts"}, outs={"report": "reports"})
+SPEC = StageSpec(name="report", params=(), deps={"artifacts": "artifacts"}, outs={"report": "reports"},
+                 note="last: depends on the whole artifacts/ folder, so it follows every stage")
 TEACHER = "artifacts/dit"
 
 

@@ -21,14 +21,16 @@ from stages.velocity import (
 )
 
 
-def spec(k: int | str) -> StageSpec:
+def spec(k: int | str, model: str | None = None) -> StageSpec:
+    """Round k's stage; `model` (default: `previous_model(k)`) is the stage it starts from."""
     return StageSpec(
         name=f"rf@{k}",
         params=("compute", "reflow"),
-        deps={"pairs": f"artifacts/reflow_pairs@{k}", "init": f"artifacts/{previous_model(k)}",
+        deps={"pairs": f"artifacts/reflow_pairs@{k}", "init": f"artifacts/{model or previous_model(k)}",
               "teacher_pairs": "artifacts/teacher_pairs", "dit": "artifacts/dit", "vae": "artifacts/vae"},
         outs={"model": f"artifacts/rf@{k}"},
         metrics=f"metrics/rf@{k}.json",
+        note="round k trained from round k-1: rf@2, rf@3, ...",
     )
 
 

@@ -16,6 +16,7 @@ class StageSpec:
     deps: dict[str, str] = field(default_factory=dict)  # role -> path
     outs: dict[str, str] = field(default_factory=dict)  # role -> path
     metrics: str | None = None
+    note: str | None = None  # why the stage is where it is: its comment in dvc.yaml
 
 
 _TEMPLATE = re.compile(r"\$\{([a-z_]+)\.([a-z_]+)\}")

@@ -27,6 +27,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_params(args: argparse.Namespace) -> int:
+    from stages.params import render_params
+
+    text = render_params()
+    if not args.write:
+        sys.stdout.write(text)
+        return 0
+    from storage.atomic import atomic_write_text
+    from storage.lineage import find_repo_root
+
+    path = find_repo_root() / "params.yaml"
+    atomic_write_text(path, text)  # a reader (DVC, a running stage) sees the old file or the new, never half
+    print(f"{path}: written from the defaults in stages/params.py")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline
     from stages.params import ParamsError, load_params
@@ -142,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a params file: OK, or every error with its key path")
     p.add_argument("file", nargs="?", default="params.yaml")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("params", help="print params.yaml as the schema's defaults make it, every key with its comment")
+    p.add_argument("--write", action="store_true",
+                   help="replace the repo's params.yaml with it (after changing a default in stages/params.py; "
+                        "edits made to params.yaml itself are lost)")
+    p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("run", help="run the pipeline through Prefect (DVC skips what is up to date)")
     p.add_argument("targets", nargs="*", help="stages to bring up to date with their ancestors (default all)")

@@ -37,16 +37,18 @@ def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> str:
 
 def _tracking(root: Path):
     """Only the `tracking` section of params.yaml: lineage must work while other sections are mid-edit."""
-    import yaml
     from pydantic import ValidationError
 
-    from stages.params import TrackingParams
+    from stages.params import ParamsError, TrackingParams, read_params_mapping
     from storage.lineage import LineageError
 
     path = root / "params.yaml"
-    raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
     try:
-        return TrackingParams.model_validate((raw or {}).get("tracking") or {})
+        raw = read_params_mapping(path) if path.is_file() else {}
+    except ParamsError as exc:
+        raise LineageError(str(exc)) from None
+    try:
+        return TrackingParams.model_validate(raw.get("tracking") or {})
     except ValidationError as exc:
         raise LineageError(f"{path}: the tracking section is invalid: {exc}") from None
 

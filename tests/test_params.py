@@ -1,4 +1,5 @@
-"""Strict params: the embedded defaults validate, and every kind of mistake is named by its key path."""
+"""Strict params: the embedded defaults validate, every kind of mistake is named by its key path, and the schema is
+the one source of the defaults (params.yaml is rendered from it, a key left out takes the value the file shows)."""
 
 import subprocess
 import sys
@@ -7,10 +8,27 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import BaseModel
+from ruamel.yaml import YAML
 
-from stages.params import SECTIONS, Params, ParamsError, ParamsView, load_params, parse_params
+from flows.cli import main as reflow
+from stages.params import (
+    SECTIONS,
+    Params,
+    ParamsError,
+    ParamsView,
+    load_params,
+    parse_params,
+    read_params_mapping,
+    render_params,
+)
+from stages.params_file import render_yaml, section_keys
 
 ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
+# Every key of every section that is a model; reflow_rounds and evaluate_models are mappings, whole values.
+LEAF_KEYS = [(name, key) for name, field in Params.model_fields.items()
+             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+             for key in field.annotation.model_fields]
 
 
 def raw_defaults() -> dict:
@@ -168,3 +186,92 @@ def test_presets_spell_out_what_dvc_yaml_interpolates():
         raw = yaml.safe_load(path.read_text())
         assert "path" in raw.get("data", {}), path
         assert raw.get("reflow_rounds"), path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One source of defaults: the schema, rendered into params.yaml
+# ---------------------------------------------------------------------------------------------------------
+def test_committed_params_yaml_is_the_rendered_schema():
+    assert (ROOT / "params.yaml").read_text() == render_params(), (
+        "params.yaml differs from the defaults in stages/params.py: run `reflow params --write` and commit both")
+
+
+def test_params_yaml_reads_back_as_the_schema_defaults_in_yaml_1_1_and_1_2():
+    assert load_params(ROOT / "params.yaml") == Params()
+    assert parse_params(raw_defaults()) == Params()  # PyYAML, YAML 1.1: "no" stays a string
+
+
+@pytest.mark.parametrize(("section", "key"), LEAF_KEYS, ids=[f"{s}.{k}" for s, k in LEAF_KEYS])
+def test_a_key_left_out_of_params_yaml_takes_the_value_the_file_shows(tmp_path, section, key):
+    lines = (ROOT / "params.yaml").read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{section}:"))
+    line = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(f"  {key}:"))
+    path = tmp_path / "params.yaml"
+    path.write_text("".join(lines[:line] + lines[line + 1:]))
+    assert key not in read_params_mapping(path)[section]
+    assert load_params(path) == load_params(ROOT / "params.yaml")
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_key_a_preset_does_not_set_is_the_params_yaml_value(preset):
+    raw, params, documented = read_params_mapping(preset), load_params(preset), load_params(ROOT / "params.yaml")
+    unset = [(s, k) for s, k in LEAF_KEYS if k not in (raw.get(s) or {})]
+    differ = [f"{s}.{k}" for s, k in unset
+              if getattr(getattr(params, s), k) != getattr(getattr(documented, s), k)]
+    assert not differ
+
+
+def test_tiny_preset_trains_the_demo_s_unmirrored_teacher():
+    """The tests' preset takes the demo's values where it sets nothing (it once trained a mirrored DiT)."""
+    tiny = load_params(ROOT / "presets" / "tiny.yaml")
+    assert tiny.dit.mirrored is False
+    assert tiny.dit.lr == 1e-3
+    assert tiny.distill.label_dropout == 0.0
+    assert tiny.teacher_pairs.guidance_scale == 2.0
+    assert tiny.eval.steps == [1, 2, 4]  # tiny sets its own; the demo measures [1, 2, 4, 8, 16, 50]
+
+
+def test_a_section_lists_its_own_keys_before_the_shared_training_knobs():
+    keys = section_keys(type(Params().distill))
+    assert keys[:2] == ["source", "student_num_layers"]
+    assert keys[-8:] == ["steps", "batch_size", "lr", "weight_decay", "ema_decay", "grad_clip", "log_every",
+                         "checkpoint_every"]
+    assert keys.index("label_dropout") < keys.index("eval_samples")  # re-declared, kept in its base's place
+
+
+class _Scalar(BaseModel):
+    value: object
+
+
+class _File(BaseModel):
+    section: _Scalar
+
+
+@pytest.mark.parametrize("value", ["no", "Yes", "off", "null", "2", "1e3", ".5", "", "a b", "x # y", "rf@2",
+                                   "http://127.0.0.1:5000", "data/cifar10", 1e-6, 2e-3, 0.02, 1e20, 8.0, -0.5, 0,
+                                   None, True, [1, 2, 4], ["euler"]])
+def test_rendered_values_read_back_the_same_in_yaml_1_1_and_1_2(value):
+    text = render_yaml(_File(section=_Scalar(value=value)), header="")
+    for read in (YAML(typ="safe", pure=True).load, yaml.safe_load):
+        assert read(text)["section"]["value"] == value, text
+
+
+def test_small_floats_are_written_as_powers_of_ten():
+    text = render_params()
+    assert "  kl_weight: 1.0e-6\n" in text and "  lr: 2.0e-3\n" in text and "  beta_end: 0.02\n" in text
+    assert '  mixed_precision: "no"' in text and '  "2": rf1\n' in text and "  eval_steps: [1, 2, 4]\n" in text
+
+
+def test_reflow_params_prints_the_committed_file(capsys):
+    assert reflow(["params"]) == 0
+    assert capsys.readouterr().out == (ROOT / "params.yaml").read_text()
+
+
+def test_reflow_params_write_replaces_the_repo_s_params_yaml(tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("dit: {steps: 1}\n")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # found from below, as DVC finds its repo
+    assert reflow(["params", "--write"]) == 0
+    assert (tmp_path / "params.yaml").read_text() == render_params()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml", "params.yaml", "sub"]  # no temp file left

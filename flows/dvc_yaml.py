@@ -49,6 +49,7 @@ STAGES = (
     Stage("seqrf_pairs"),
     Stage("seqrf"),
     Stage("fid_features"),
+    Stage("fid_reference"),
     Stage("distill"),
     Stage("evaluate", foreach="${evaluate_models}", args=("${key}", "${item}")),
     Stage("report"),

@@ -29,12 +29,13 @@ def print_summary(root: Path) -> None:
         values = json.loads(m.read_text())
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         print(f"  {m.stem:14s} {shown}")
-    from stages.report import load_evaluations, results_table, text_table
+    from reflow.results import load_evaluations, load_floor, results_table
+    from stages.report import text_table
 
     evaluations = load_evaluations(root)
     if evaluations:
-        print("\nFID against NFE (mean ± std over seeds; `reflow results`, `dvc metrics show`):")
-        print(text_table(*results_table(evaluations)))
+        print("\nFID against NFE (± the 95% interval's half-width; comparisons in `reflow results`):")
+        print(text_table(*results_table(evaluations, load_floor(root))))
     if (root / "reports" / "index.html").is_file():
         print(f"\nReport (curves, sample grids, lineage; opens offline): {root / 'reports' / 'index.html'}")
     print(f"\nMLflow store: {tracking_uri(params.tracking.uri, root)} (experiment {params.tracking.experiment!r})")

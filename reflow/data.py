@@ -14,8 +14,8 @@ torchvision's `Resize(resolution)` + `CenterCrop(resolution)` do, with PIL's (an
 Transparent pixels are composited onto white, which is how image viewers show them; dropping the alpha
 channel instead would expose whatever colour the encoder left under fully transparent pixels.
 
-Also here: the fixed, stratified train/reference split used for FID, and the sample grids every stage
-writes.
+Also here: the fixed, class-stratified splits (train, the FID extractor's, the FID reference, the real-data
+floor), class-stratified draws, and the sample grids every stage writes.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ __all__ = [
     "load_source",
     "make_grid",
     "save_grid",
-    "split_reference",
+    "class_grid_indices",
+    "split_dataset",
+    "stratified_sample",
 ]
 
 log = logging.getLogger(__name__)
@@ -361,36 +363,63 @@ def load_source(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reference split and sample grids
+# Splits, stratified draws and sample grids
 # ---------------------------------------------------------------------------------------------------------
 
 
-def split_reference(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed, stratified split of indices into (train_idx, reference_idx), both sorted int64.
+def split_dataset(labels: np.ndarray, held_out: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Disjoint, class-stratified splits of indices: each named split in `held_out` and `"train"`, the rest.
 
-    The reference images are held out for FID, so they must be the same for every run with a seed and
-    must cover every class. Each class with n >= 2 images gives round-half-up(fraction * n) of them,
-    at least 1 and at most n - 1 (so every class also stays in training); a class of one image stays in
-    training.
+    Each class of n images gives each held-out split, in the order given, round-half-up(fraction * n) of
+    them, at least 1 while at least one image is left for training; so every class stays in training, and
+    a class too small for every split misses the last ones. Fixed for a seed; every index array sorted int64.
     """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    bad = {name: f for name, f in held_out.items() if not 0.0 < f < 1.0}
+    if bad or sum(held_out.values()) >= 1.0:
+        raise ValueError(f"held-out fractions must each be in (0, 1) and sum below 1, got {held_out}")
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
     rng = np.random.default_rng(seed)
-    reference: list[np.ndarray] = []
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in (*held_out, "train")}
     for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        n = len(members)
-        if n < 2:
-            continue
-        k = min(max(1, math.floor(fraction * n + 0.5)), n - 1)
-        reference.append(rng.choice(members, size=k, replace=False))
-    reference_idx = np.sort(np.concatenate(reference)) if reference else np.empty(0, np.int64)
-    train_mask = np.ones(len(labels), dtype=bool)
-    train_mask[reference_idx] = False
-    return np.flatnonzero(train_mask).astype(np.int64), reference_idx.astype(np.int64)
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n, start = len(members), 0
+        for name, fraction in held_out.items():
+            room = n - start - 1  # keep one for training
+            k = min(max(1, math.floor(fraction * n + 0.5)), room) if room > 0 else 0
+            parts[name].append(members[start : start + k])
+            start += k
+        parts["train"].append(members[start:])
+    return {name: np.sort(np.concatenate(chunks)).astype(np.int64) for name, chunks in parts.items()}
+
+
+def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` indices drawn without replacement, each class in proportion to its share (largest remainders),
+    in class-interleaved order: row r of a grid with one column per class shows the r-th draw of each."""
+    labels = np.asarray(labels)
+    if not 0 < n <= len(labels):
+        raise ValueError(f"cannot draw {n} of {len(labels)} images")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / len(labels)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[: n - take.sum()]] += 1
+    drawn = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in zip(classes, take, strict=True)]
+    order = sorted(((r, ci) for ci, d in enumerate(drawn) for r in range(len(d))))
+    return np.asarray([drawn[ci][r] for r, ci in order], dtype=np.int64)
+
+
+def class_grid_indices(labels: np.ndarray, rows: int, seed: int, max_classes: int = 16) -> tuple[np.ndarray, int]:
+    """Indices for a preview grid with one column per class (the first `max_classes`) and up to `rows`
+    images of each, drawn at random: (indices in row-major order, columns). Never the first rows of a
+    class-sorted set, which would show one class."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)[:max_classes]
+    columns = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    rows = min(rows, *(len(col) for col in columns))  # full rows only, so each column stays one class
+    return np.asarray([col[r] for r in range(rows) for col in columns], dtype=np.int64), len(classes)
 
 
 def make_grid(images: np.ndarray, nrow: int, *, pad_value: int = 255) -> np.ndarray:

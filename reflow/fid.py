@@ -1,12 +1,12 @@
-"""FID, KID and precision/recall through torch-fidelity, with Inception or an in-project extractor.
+"""FID features through torch-fidelity, with Inception or an in-project extractor.
 
 Inception needs its TF-compatible weights file, which cannot be downloaded here. Without it, a small
 classifier trained on the reference images is the feature extractor: its penultimate layer gives the
 features, its logits the class-consistency check. Numbers made with it are comparable only inside this
 project (same extractor hash), and every result records which extractor made it.
 
-torch-fidelity caches reference statistics by name only, so every name used here carries the content
-hash of what it stands for.
+torch-fidelity's registry is keyed by name only, so every classifier registered here carries the content
+hash of its weights in its name.
 """
 
 from __future__ import annotations
@@ -145,46 +145,44 @@ class _Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
-def fidelity(
-    samples: np.ndarray, reference: np.ndarray, *, extractor: str, reference_name: str | None = None,
-    cache_root: str | None = None, inception_weights: str | None = None, kid_subset_size: int = 1000,
-    prc_neighborhood: int = 3, seed: int = 0,
-) -> dict[str, float]:
-    """FID, KID (mean and std) and precision/recall of uint8 `samples` against uint8 `reference`.
+_EXTRACTORS: dict[tuple[str, str | None], Any] = {}
 
-    `extractor` is a name from `register_classifier` or `INCEPTION` (then `inception_weights` is the
-    local path of torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`). With `reference_name`
-    and `cache_root`, the reference statistics are cached under that name: put the content hashes of the
-    reference set and of the extractor in it.
+
+def extractor_info(name: str) -> tuple[str, bool]:
+    """(the layer FID reads, whether a weights file is needed) of a torch-fidelity extractor."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        raise ValueError(f"no feature extractor {name!r} is registered with torch-fidelity")
+    return FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid"), name == INCEPTION
+
+
+def fid_features(images: np.ndarray, *, extractor: str, inception_weights: str | None = None,
+                 batch_size: int = 256) -> np.ndarray:
+    """The FID features (float64, N x D) of uint8 N x 3 x H x W images, extracted by torch-fidelity.
+
+    `extractor` is a name from `register_classifier` or `INCEPTION`, which needs `inception_weights`: the
+    local path of torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` (nothing is downloaded).
+    FID, KID, precision and recall are computed from these features by `reflow.intervals`, whose numbers
+    equal torch-fidelity's own metric functions on them (tests/test_intervals.py).
     """
-    import torch_fidelity
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-    kwargs: dict[str, Any] = {}
-    if extractor == INCEPTION:
-        if not inception_weights:
-            raise ValueError("the Inception extractor needs eval.inception_weights: a local path to "
-                             "weights-inception-2015-12-05-6726825d.pth (nothing is downloaded)")
-        kwargs["feature_extractor_weights_path"] = inception_weights
-    if reference_name and cache_root:
-        kwargs |= {"cache": True, "cache_root": cache_root, "input2_cache_name": reference_name}
-    else:
-        kwargs["cache"] = False
+    layer, needs_weights = extractor_info(extractor)
+    if needs_weights and not inception_weights:
+        raise ValueError("the Inception extractor needs eval.inception_weights: a local path to "
+                         "weights-inception-2015-12-05-6726825d.pth (nothing is downloaded)")
     cuda = torch.cuda.is_available()
-    metrics = torch_fidelity.calculate_metrics(
-        # The images are already tensors in RAM: on CPU, DataLoader worker processes (save_cpu_ram=False
-        # starts four) only add start-up time and compete for the cores the extractor needs.
-        input1=_Images(samples), input2=_Images(reference), cuda=cuda, save_cpu_ram=not cuda, batch_size=256,
-        feature_extractor=extractor, fid=True, kid=True, prc=True, verbose=False, rng_seed=seed,
-        kid_subset_size=min(kid_subset_size, len(samples), len(reference)),
-        prc_neighborhood=min(prc_neighborhood, len(samples) - 1, len(reference) - 1), **kwargs,
-    )
-    return {
-        "fid": float(metrics["frechet_inception_distance"]),
-        "kid": float(metrics["kernel_inception_distance_mean"]),
-        "kid_std": float(metrics["kernel_inception_distance_std"]),
-        "precision": float(metrics["precision"]),
-        "recall": float(metrics["recall"]),
-    }
+    key = (extractor, inception_weights)
+    if key not in _EXTRACTORS:  # Inception's weights are read once per process, not once per point
+        kwargs = {"feature_extractor_weights_path": inception_weights} if needs_weights else {}
+        _EXTRACTORS[key] = create_feature_extractor(extractor, [layer], cuda=cuda, verbose=False,
+                                                    feature_extractor_compile=False, **kwargs)
+    # The images are already tensors in RAM: on CPU, DataLoader worker processes (save_cpu_ram=False starts
+    # four) only add start-up time and compete for the cores the extractor needs.
+    features = get_featuresdict_from_dataset(_Images(images), _EXTRACTORS[key], batch_size, cuda,
+                                             save_cpu_ram=not cuda, verbose=False)
+    return features[layer].double().cpu().numpy()
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:

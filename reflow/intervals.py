@@ -27,6 +27,9 @@ import numpy as np
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 MEASURES = ("fid", "kid", "precision", "recall", "class_accuracy")
+# Where each measure can lie: an interval is cut to it (FID >= 0; KID, unbiased, may be negative).
+RANGES = {"fid": (0.0, math.inf), "kid": (-math.inf, math.inf), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
+          "class_accuracy": (0.0, 1.0)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -109,6 +112,7 @@ class Measured:
     reference: np.ndarray
     pairing: str = ""
     draws_overlap: bool = False
+    measure: str = ""
 
     @property
     def has_replicates(self) -> bool:
@@ -116,8 +120,11 @@ class Measured:
 
     def interval(self) -> Interval:
         if not self.has_replicates:  # too large to leave out one by one: the spread over seeds alone
-            return seeds_interval(list(self.per_seed.values()))
-        return normal_interval(self.estimate, self._sample_variance() + jk_variance(self.reference))
+            interval = seeds_interval(list(self.per_seed.values()))
+        else:
+            interval = normal_interval(self.estimate, self._sample_variance() + jk_variance(self.reference))
+        low, high = RANGES.get(self.measure, (-math.inf, math.inf))
+        return Interval(interval.estimate, max(interval.low, low), min(interval.high, high), interval.method)
 
     def _weights(self) -> float:
         return 1.0 if self.draws_overlap else 1.0 / len(self.per_seed)
@@ -144,7 +151,7 @@ class Measured:
         left_out = arrays[f"{prefix}/left_out"]
         return cls(float(arrays[f"{prefix}/estimate"]), {s: float(per_seed[k]) for k, s in enumerate(seeds)},
                    {s: left_out[k] for k, s in enumerate(seeds)}, arrays[f"{prefix}/reference"], pairing,
-                   draws_overlap)
+                   draws_overlap, prefix.rsplit("/", 1)[-1])
 
 
 def difference(a: Measured, b: Measured) -> Interval:
@@ -326,5 +333,5 @@ def measure_sets(sets: Sequence[SeedSet], ref: Reference, *, draws_overlap: bool
         reference = np.mean([stats[name][2] for stats in per_seed.values()], axis=0)
         out[name] = Measured(float(np.mean(list(values.values()))), values,
                              {seed: stats[name][1] for seed, stats in per_seed.items()}, reference, pairing,
-                             draws_overlap)
+                             draws_overlap, name)
     return out

@@ -53,7 +53,8 @@ def run(ctx: StageContext) -> dict:
     z1 = encode(vae, images, desc="latents", **kw)
     z1_flip = encode(vae, images.flip(-1), desc="mirrored latents", **kw)
     attrs = {"scale_factor": float(vae.config.scaling_factor), "posterior": p.posterior, "scaled": True,
-             "num_classes": train.attrs["num_classes"], "class_names": train.attrs["class_names"]}
+             "num_classes": train.attrs["num_classes"], "class_names": train.attrs["class_names"],
+             "images": {"split": "train", "content_hash": train.attrs["content_hash"]}}  # what the DiT learns from
     with atomic_dir(ctx.out("latents")) as tmp:
         write_dataset(tmp / "latents.zarr",
                       {"z1": z1.numpy(), "z1_flip": z1_flip.numpy(), "labels": labels},

@@ -2,7 +2,8 @@
 
 The DiT teacher samples by deterministic DDIM (guided as it was when it made the teacher's pairs);
 velocity models (`rf1`, `rf@k`, `seqrf`, `distill`) by Euler or Heun from `t = 0` to `t = 1`, on their
-own segment boundaries when they have them (SeqRF, a per-segment student). `evaluate@<model>` and
+own segment boundaries when they have them (SeqRF, a per-segment student), or by adaptive RK45 (steps 0:
+it picks its own, and the NFE it spends is counted). `evaluate@<model>` and
 `reflow sample` both go through here, so a number in the report and a picture on the command line
 come from the same code.
 """
@@ -20,7 +21,7 @@ from reflow.samplers import SampleResult, ddim, guided, solve, straightness
 from reflow.seqrf import seqrf_sample
 from storage.checkpoints import read_meta
 
-SOLVERS = ("euler", "heun", "ddim")
+SOLVERS = ("euler", "heun", "rk45", "ddim")
 
 
 class GeneratorError(ValueError):
@@ -41,12 +42,14 @@ class Generator:
 
     @property
     def solvers(self) -> tuple[str, ...]:
-        return ("ddim",) if self.kind == "epsilon" else ("euler", "heun")
+        return ("ddim",) if self.kind == "epsilon" else ("euler", "heun", "rk45")
 
     def unsupported(self, solver: str, steps: int) -> str | None:
         """Why `solver` with `steps` steps is not a way to sample this model, or None when it is."""
         if solver not in self.solvers:
             return f"a {self.kind} model samples with {' or '.join(self.solvers)}, not {solver!r}"
+        if solver == "rk45":
+            return "a segmented model samples with Euler inside each segment" if self.boundaries else None
         if steps < 1:
             return f"steps must be >= 1, got {steps}"
         k = len(self.boundaries) - 1 if self.boundaries else 1
@@ -56,8 +59,9 @@ class Generator:
 
     @torch.inference_mode()
     def sample(self, z0: torch.Tensor, y: torch.Tensor, *, steps: int, solver: str,
-               guidance: float | None = None) -> SampleResult:
-        """Latents from noise `z0` (t = 0) for labels `y`; `nfe` counts guided calls twice."""
+               guidance: float | None = None, tolerance: float = 1e-3) -> SampleResult:
+        """Latents from noise `z0` (t = 0) for labels `y`; `nfe` counts guided calls twice. RK45 ignores
+        `steps` and integrates to relative and absolute `tolerance`."""
         reason = self.unsupported(solver, steps)
         if reason:
             raise GeneratorError(f"{self.path}: {reason}")
@@ -72,7 +76,7 @@ class Generator:
             if solver != "euler":
                 raise GeneratorError(f"{self.path}: a segmented model samples with Euler inside each segment")
             return seqrf_sample(field, z0, self.boundaries, steps_per_segment=steps // k)
-        return solve(field, z0, solver=solver, steps=steps)
+        return solve(field, z0, solver=solver, steps=steps, rtol=tolerance, atol=tolerance)
 
     @torch.inference_mode()
     def straightness(self, z0: torch.Tensor, y: torch.Tensor, *, steps: int,

@@ -44,14 +44,21 @@ class DataParams(Strict):
     # of `prepare`, so replacing images reruns the pipeline; the digits source ignores it.
     path: str = Field("data", description="your images (imagefolder: one subfolder per class; npz: images + labels)")
     resolution: int = Field(32, ge=8, le=1024)
-    reference_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held out for FID, never trained on")
+    reference_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="the FID reference: fitted on by nothing")
+    features_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="fits the FID feature extractor only")
+    floor_fraction: float = Field(
+        0.15, gt=0.0, lt=1.0, description="the real-data floor; the rest (55%) trains the VAE and the DiT")
     split_seed: int = 0
     max_images: int | None = Field(None, ge=4)  # cap for quick runs; None keeps all
 
     @model_validator(mode="after")
-    def _resolution_multiple_of_8(self) -> DataParams:
+    def _resolution_and_splits(self) -> DataParams:
         if self.resolution % 8:
             raise ValueError(f"data.resolution must be a multiple of 8, got {self.resolution}")
+        held = self.reference_fraction + self.features_fraction + self.floor_fraction
+        if held >= 0.9:
+            raise ValueError(f"data.reference_fraction + features_fraction + floor_fraction = {held:g} leaves "
+                             "under 10% of the images to train on; expected a sum below 0.9")
         return self
 
 
@@ -279,15 +286,13 @@ class DistillParams(VelocityTrainParams):
 
 
 class FIDFeaturesParams(TrainParams):
-    """The in-project FID feature extractor: a small classifier trained on the reference images.
+    """The in-project FID feature extractor: a small classifier fitted on the `features` split.
 
     It is also the class-consistency judge of conditional samples, so it is trained even when Inception
     weights are given for FID."""
 
     width: PositiveInt = 16  # 16/32/64 channels: 98.6 % held-out accuracy on the digits in 26 s
     feature_dim: PositiveInt = 64
-    holdout_fraction: float = Field(
-        0.2, gt=0.0, lt=1.0, description="of the reference images, held out to measure its accuracy")
     steps: PositiveInt = 500
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 2e-3
@@ -311,19 +316,23 @@ class EvalParams(Strict):
 
     inception_weights: str | None = Field(
         None, description="local weights-inception-2015-12-05-6726825d.pth; null: the fid_features classifier")
-    num_samples: int = Field(256, ge=10, description="per seed and NFE, against the whole reference set (360 digits)")
+    num_samples: int = Field(256, ge=10, description="per seed and NFE, against the whole reference set (359 digits)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
-                             description="base seeds of the per-sample noise: mean and spread over these")
+                             description="base seeds of the per-sample noise, for every point")
+    extra_seeds: list[int] = Field(default_factory=list,
+                                   description="more seeds for the points cheap enough (NFE <= extra_seeds_max_nfe)")
+    extra_seeds_max_nfe: PositiveFloat = 8
     steps: list[NFE] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 50], min_length=1,
                              description="up to the teacher's 50 DDIM steps; SeqRF takes the multiples of K")
-    solvers: list[Literal["euler", "heun"]] = Field(
+    solvers: list[Literal["euler", "heun", "rk45"]] = Field(
         default_factory=lambda: ["euler"], min_length=1,
-        description="velocity models (add heun: 2n - 1 evaluations); the DiT teacher samples by DDIM")
+        description="velocity models (heun: 2n - 1 evaluations; rk45: its own); the DiT teacher samples by DDIM")
+    rk45_tolerance: PositiveFloat = Field(1e-3, description="rtol = atol of the rk45 solver")
+    floor_draws: int = Field(5, ge=2, description="class-stratified draws of num_samples real images for the floor")
     guidance_scale: float | None = Field(
         None, ge=0.0, description="null: the teacher as it made its pairs, velocity models unguided")
     straightness_steps: PositiveInt = 16
     batch_size: PositiveInt = 512
-    kid_subset_size: int = Field(1000, gt=1)
     prc_neighborhood: PositiveInt = 3
 
     @model_validator(mode="after")
@@ -332,6 +341,13 @@ class EvalParams(Strict):
             values = getattr(self, name)
             if len(set(values)) != len(values):
                 raise ValueError(f"eval.{name} has repeated entries: {values}")
+        if set(self.seeds) & set(self.extra_seeds) or len(set(self.extra_seeds)) != len(self.extra_seeds):
+            raise ValueError(f"eval.extra_seeds {self.extra_seeds} must be distinct and none of eval.seeds "
+                             f"{self.seeds}: a seed is one draw of the noise")
+        if self.num_samples < self.prc_neighborhood + 3:
+            raise ValueError(f"eval.num_samples={self.num_samples} is too few for precision/recall with "
+                             f"eval.prc_neighborhood={self.prc_neighborhood}: expected at least "
+                             f"{self.prc_neighborhood + 3}")
         return self
 
 
@@ -355,7 +371,7 @@ class Params(Strict):
     seqrf: SeqRFParams = Field(SeqRFParams(), description="sequential rectified flow on top of the 1-RF teacher flow")
     distill: DistillParams = Field(DistillParams(), description="one step: z0 -> z0 + v(z0, 0)")
     fid_features: FIDFeaturesParams = Field(FIDFeaturesParams(), description=(
-        "FID feature extractor and class-consistency judge, trained on the reference set"))
+        "FID feature extractor and class-consistency judge, fitted on the features split"))
     eval: EvalParams = Field(
         EvalParams(), description="how every evaluate@<model> measures: same noise, same reference, same extractor")
     # DVC's foreach expands one evaluate stage per entry.

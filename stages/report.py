@@ -13,11 +13,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from reflow.results import point_cell
 from stages.spec import StageSpec
 from storage.atomic import atomic_dir
 
@@ -26,51 +28,6 @@ if TYPE_CHECKING:  # stages.common pulls in torch and diffusers; `reflow results
 
 SPEC = StageSpec(name="report", params=(), deps={"artifacts": "artifacts"}, outs={"report": "reports"},
                  note="last: depends on the whole artifacts/ folder, so it follows every stage")
-TEACHER = "artifacts/dit"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The evaluations and their table (shared with `reflow results`)
-# ---------------------------------------------------------------------------------------------------------
-def load_evaluations(root: Path) -> list[dict[str, Any]]:
-    """Every `artifacts/evaluate@<key>/results.json`, the teacher first, then by key."""
-    found = []
-    for path in sorted((root / "artifacts").glob("evaluate@*/results.json")):
-        results = json.loads(path.read_text())
-        results["key"] = path.parent.name.split("@", 1)[1]
-        results["grid"] = path.parent / "grid.png"
-        found.append(results)
-    return sorted(found, key=lambda r: (r["protocol"]["model"] != TEACHER, r["key"]))
-
-
-def _cell(point: dict[str, Any] | None, measure: str) -> str:
-    if point is None:
-        return ""
-    if measure == "fid":
-        return f"{point['fid']:.3g} ± {point['fid_std']:.2g}"
-    return f"{point[measure]:.3g}"
-
-
-def results_table(evaluations: list[dict[str, Any]], measure: str = "fid") -> tuple[list[str], list[list[str]]]:
-    """(header, rows): one row per model and solver, one column per NFE actually spent."""
-    nfes = sorted({p["nfe"] for r in evaluations for p in r["points"]})
-    header = ["model", "solver", *(f"NFE {n}" for n in nfes), "straightness", "best FID (NFE)"]
-    rows = []
-    for r in evaluations:
-        for solver in dict.fromkeys(p["solver"] for p in r["points"]):
-            points = {p["nfe"]: p for p in r["points"] if p["solver"] == solver}
-            best = min(points.values(), key=lambda p: p["fid"])
-            straight = "" if r["straightness"] is None else f"{r['straightness']:.3g}"
-            rows.append([f"{r['key']} ({r['protocol']['model'].removeprefix('artifacts/')})", solver,
-                         *(_cell(points.get(n), measure) for n in nfes), straight,
-                         f"{best['fid']:.3g} ({best['nfe']})"])
-    if evaluations:
-        real = evaluations[0]["real_data"]
-        floor = f"{real[measure]:.3g}" if measure != "fid" else f"{real['fid']:.3g}"
-        rows.append([f"real images ({real['images']}, the floor)", "", *([floor] * len(nfes)), "", floor])
-    return header, rows
-
-
 def text_table(header: list[str], rows: list[list[str]], *, indent: str = "", rule: bool = True) -> str:
     """Columns padded to their widest cell; `rule` draws a dashed line under the header."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
@@ -79,17 +36,42 @@ def text_table(header: list[str], rows: list[list[str]], *, indent: str = "", ru
                      for line in lines)
 
 
+def comparisons(evaluations: list, floor) -> list[tuple[str, list]]:
+    """The report's comparison tables: (title, comparisons) for the headlines, the ranking and the floor."""
+    from reflow.results import against_floor, headline_comparisons, ranking
+
+    tables = [("Headline comparisons", headline_comparisons(evaluations)),
+              ("Which model at which budget", ranking(evaluations))]
+    if floor is not None:
+        tables.append(("Against real images", against_floor(evaluations, floor)))
+    return [(title, rows) for title, rows in tables if rows]
+
+
+def protocol_line(evaluations: list) -> str:
+    protocol = evaluations[0].results["protocol"]
+    extractor = protocol["extractor"]
+    extra = (f", NFE <= {protocol['extra_seeds_max_nfe']:g} also over seeds {protocol['extra_seeds']}"
+             if protocol.get("extra_seeds") else "")
+    return (f"{protocol['samples_per_seed']} samples per seed (seeds {protocol['seeds']}{extra}) against "
+            f"{protocol['reference']['images']} held-out reference images; extractor {extractor['name']} "
+            f"{extractor['sha256'][:12]} ({extractor['standard']}); ± is the 95% interval's half-width (delete-one "
+            "jackknife over samples and reference images); NFE counts guided calls twice")
+
+
 def print_results(root: Path, measure: str = "fid") -> int:
-    """`reflow results`: the report's table in the terminal."""
+    """`reflow results`: the report's tables in the terminal."""
+    from reflow.results import COMPARISON_HEADER, load_evaluations, load_floor, results_table
+
     evaluations = load_evaluations(root)
     if not evaluations:
         print(f"no evaluations in {root / 'artifacts'}: run `reflow run` (or `dvc repro`) first", file=sys.stderr)
         return 1
-    protocol = evaluations[0]["protocol"]
-    print(f"{measure} (mean ± std over seeds {protocol['seeds']}, {protocol['samples_per_point']} samples each) "
-          f"against {protocol['reference']['images']} reference images, extractor "
-          f"{protocol['extractor']['name']} {protocol['extractor']['sha256'][:12]}; NFE counts guided calls twice\n")
-    print(text_table(*results_table(evaluations, measure)))
+    floor = load_floor(root)
+    print(f"{measure}: {protocol_line(evaluations)}\n")
+    print(text_table(*results_table(evaluations, floor, measure)))
+    for title, rows in comparisons(evaluations, floor):
+        print(f"\n{title} (FID; a difference whose interval holds 0 is within noise):")
+        print(text_table(COMPARISON_HEADER, [c.row() for c in rows]))
     report = root / "reports" / "index.html"
     if report.is_file():
         print(f"\nThe report with curves, sample grids and lineage: {report}")
@@ -99,25 +81,31 @@ def print_results(root: Path, measure: str = "fid") -> int:
 # ---------------------------------------------------------------------------------------------------------
 # The HTML page
 # ---------------------------------------------------------------------------------------------------------
-def fid_vs_nfe_png(evaluations: list[dict[str, Any]]) -> bytes:
-    """Every model's FID (mean, error bar = std over seeds) against NFE on one log-2 axis."""
+def fid_vs_nfe_png(evaluations: list, floor) -> bytes:
+    """Every model's FID against NFE on one log-2 axis; error bars and the floor's band are 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for r in evaluations:
-        for solver in dict.fromkeys(p["solver"] for p in r["points"]):
-            points = sorted((p for p in r["points"] if p["solver"] == solver), key=lambda p: p["nfe"])
-            ax.errorbar([p["nfe"] for p in points], [p["fid"] for p in points], yerr=[p["fid_std"] for p in points],
-                        marker="o", capsize=3, label=f"{r['key']} ({solver})")
-    if evaluations:
-        ax.axhline(evaluations[0]["real_data"]["fid"], color="grey", linestyle="--", label="real images")
+    for e in evaluations:
+        for solver in e.solvers():
+            points = sorted((p for p in e.points if p["solver"] == solver), key=lambda p: p["nfe"])
+            fid = np.asarray([p["fid"] for p in points])
+            errors = np.nan_to_num([[p["fid"] - p["fid_low"] for p in points],
+                                    [p["fid_high"] - p["fid"] for p in points]])
+            ax.errorbar([p["nfe"] for p in points], fid, yerr=errors, marker="o", capsize=3,
+                        label=f"{e.key} ({solver})")
+    if floor is not None:
+        interval = floor["fid"].interval()
+        ax.axhline(interval.estimate, color="grey", linestyle="--", label="real images (95%)")
+        if not np.isnan(interval.low):
+            ax.axhspan(max(interval.low, 1e-3), interval.high, color="grey", alpha=0.15)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")  # a few-step teacher sits 10x above the rest; differences near the floor matter
     ax.set_xlabel("NFE (network evaluations per sample)")
-    ax.set_ylabel("FID")
+    ax.set_ylabel("FID (95% interval)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -170,53 +158,76 @@ vertical-align:top}th{background:#f3f3f3}td{word-break:break-word;max-width:420p
 .grid img{width:min(100%,480px)}code{background:#f3f3f3;padding:0 3px}h2{margin-top:2em}"""
 
 
-def render(root: Path, evaluations: list[dict[str, Any]], plot_png: bytes, tracked: bool) -> str:
-    header, rows = results_table(evaluations)
-    protocol = evaluations[0]["protocol"]
+def splits_table(protocol: dict) -> tuple[list[str], list[list[str]]]:
+    rows = [[name, str(split["rows"]), split["content_hash"][:16], USES.get(name, "")]
+            for name, split in protocol["splits"].items()]
+    return ["split", "images", "content hash", "used by"], rows
+
+
+USES = {"train": "the VAE, the DiT teacher and through them every generator",
+        "features": "fitting the FID feature extractor (and class judge)",
+        "reference": "the FID reference statistics, fitted on by nothing",
+        "floor": "the real-data floor (and the judge's held-out accuracy)"}
+
+
+def render(root: Path, evaluations: list, floor, plot_png: bytes, tracked: bool) -> str:
+    from reflow.results import COMPARISON_HEADER, results_table
+
+    protocol = evaluations[0].results["protocol"]
+    floor_info = protocol.get("floor", {})
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>reflow report</title>",
         f"<style>{STYLE}</style></head><body><h1>reflow: FID against NFE</h1>",
-        f"<p>FID, mean ± standard deviation over seeds {protocol['seeds']}, {protocol['samples_per_point']} samples "
-        f"per point against {protocol['reference']['images']} held-out reference images "
-        f"(<code>{html.escape(protocol['reference']['path'])}</code>, content hash "
-        f"<code>{protocol['reference']['content_hash'][:16]}</code>). "
-        f"Features: {html.escape(protocol['extractor']['name'])}"
-        f" (sha256 <code>{protocol['extractor']['sha256'][:16]}</code>); numbers are comparable only between runs "
-        f"with the same extractor hash. NFE counts network evaluations per sample, a guided call twice.</p>",
-        _img(plot_png, "FID against NFE, every model"), _html_table(header, rows),
+        f"<p>{html.escape(protocol_line(evaluations))}. Reference <code>{html.escape(protocol['reference']['path'])}"
+        f"</code>, content hash <code>{protocol['reference']['content_hash'][:16]}</code>. The floor: "
+        f"{floor_info.get('draws', '?')} class-stratified draws of {floor_info.get('images_per_draw', '?')} real "
+        "images that no generator, extractor or reference used.</p>",
+        _img(plot_png, "FID against NFE, every model"), _html_table(*results_table(evaluations, floor)),
     ]
-    for r in evaluations:
-        model = r["protocol"]["model"]
-        nfes = ", ".join(str(p["nfe"]) for p in r["points"] if p["solver"] == r["points"][0]["solver"])
-        parts.append(f"<h2>{html.escape(r['key'])}: <code>{html.escape(model)}</code></h2>")
-        parts.append(f"<div class='grid'>{_img(r['grid'].read_bytes(), r['key'] + ' samples')}</div>")
-        parts.append(f"<p>Rows: NFE {nfes} ({html.escape(r['points'][0]['solver'])}, seed {r['protocol']['seeds'][0]},"
-                     f" guidance {r['protocol']['guidance_scale']}); one column per class. Class accuracy at each "
-                     "NFE (the extractor's classifier on the conditional samples): "
-                     + ", ".join(f"{p['nfe']}: {p['class_accuracy']:.2f}" for p in r["points"]) + ".</p>")
-        if r["skipped"]:
+    for title, rows in comparisons(evaluations, floor):
+        parts.append(f"<h2>{html.escape(title)}</h2><p>FID of A minus FID of B with its 95% interval: paired where "
+                     "A and B were sampled from the same noise; a difference whose interval holds 0 is within "
+                     "noise, not a finding.</p>")
+        parts.append(_html_table(COMPARISON_HEADER, [c.row() for c in rows]))
+    parts.append("<h2>Protocol: four disjoint splits</h2>" + _html_table(*splits_table(protocol)))
+    for e in evaluations:
+        points = e.points
+        nfes = ", ".join(f"{p['nfe']:g}" for p in points if p["solver"] == points[0]["solver"])
+        parts.append(f"<h2>{html.escape(e.key)}: <code>{html.escape(e.model)}</code></h2>")
+        parts.append(f"<div class='grid'>{_img((e.folder / 'grid.png').read_bytes(), e.key + ' samples')}</div>")
+        parts.append(f"<p>Rows: NFE {nfes} ({html.escape(points[0]['solver'])}, seed "
+                     f"{e.results['protocol']['seeds'][0]}, guidance {e.results['protocol']['guidance_scale']}); "
+                     "one column per class. Class accuracy at each NFE (the extractor's classifier on the "
+                     "conditional samples, 95%): "
+                     + ", ".join(f"{p['nfe']:g}: {point_cell(p, 'class_accuracy')}" for p in points) + ".</p>")
+        if e.results["skipped"]:
             parts.append("<p>Not measured: " + html.escape("; ".join(
-                f"{s['solver']} {s['steps']} steps ({s['reason']})" for s in r["skipped"])) + ".</p>")
+                f"{s['solver']} {s['steps']} steps ({s['reason']})" for s in e.results["skipped"])) + ".</p>")
         parts.append("<h3>Lineage</h3><p>Every stage this evaluation rests on, joined by DVC hashes; MLflow run "
                      "ids open in the MLflow UI (<code>reflow ui</code>).</p>")
         parts.append(_html_table(["stage", "params", "inputs", "outputs", "MLflow run"],
-                                 model_lineage(root, f"evaluate@{r['key']}", tracked)))
+                                 model_lineage(root, f"evaluate@{e.key}", tracked)))
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def run(ctx: StageContext) -> dict:
+    from reflow.results import COMPARISON_HEADER, load_evaluations, load_floor, results_table
     from stages.common import StageError
 
     evaluations = load_evaluations(ctx.root)
     if not evaluations:
         raise StageError(f"no artifacts/evaluate@*/results.json in {ctx.root}: the report needs evaluated models")
-    plot = fid_vs_nfe_png(evaluations)
+    floor = load_floor(ctx.root)
+    plot = fid_vs_nfe_png(evaluations, floor)
+    tables = [text_table(*results_table(evaluations, floor))]
+    tables += [f"{title}\n" + text_table(COMPARISON_HEADER, [c.row() for c in rows])
+               for title, rows in comparisons(evaluations, floor)]
     out = ctx.out("report")
     with atomic_dir(out) as tmp:
         (tmp / "fid_vs_nfe.png").write_bytes(plot)
-        (tmp / "index.html").write_text(render(ctx.root, evaluations, plot, ctx.tracked), encoding="utf-8")
-        (tmp / "results.txt").write_text(text_table(*results_table(evaluations)) + "\n", encoding="utf-8")
+        (tmp / "index.html").write_text(render(ctx.root, evaluations, floor, plot, ctx.tracked), encoding="utf-8")
+        (tmp / "results.txt").write_text("\n\n".join(tables) + "\n", encoding="utf-8")
     ctx.log_artifact(out / "index.html", "report")
     ctx.log_artifact(out / "fid_vs_nfe.png", "report")
     return {}

@@ -93,7 +93,9 @@ def run(ctx: StageContext) -> dict:
     if not ctx.is_main:  # every process trained its share of each batch; the main one measures and saves
         return {}
     vae.to(generation_device(compute)).eval()  # a pretrained VAE is measured on the GPU too, not left on the CPU
-    latent_std, recon_mse = latent_stats(vae, reference)
+    # The scale factor is fitted on the training images, like the weights; the reference only measures.
+    latent_std, _ = latent_stats(vae, train_images)
+    _, recon_mse = latent_stats(vae, reference)
     scale = p.scale_factor or (vae.config.scaling_factor if p.pretrained else 1.0 / latent_std)
     vae.register_to_config(scaling_factor=float(scale))
     metrics |= {"reference_recon_mse": recon_mse, "reference_psnr": 10 * torch.log10(

@@ -12,13 +12,15 @@ from PIL import Image
 from reflow.data import (
     DataError,
     ImageSet,
+    class_grid_indices,
     load_digits,
     load_image_folder,
     load_npz,
     load_source,
     make_grid,
     save_grid,
-    split_reference,
+    split_dataset,
+    stratified_sample,
 )
 
 
@@ -296,33 +298,46 @@ def test_load_source_dispatch_and_path_required(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# reference split and grids
+# splits, stratified draws and grids
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_split_reference_stratified_deterministic_disjoint_covering() -> None:
+def test_splits_are_stratified_deterministic_disjoint_and_covering() -> None:
     labels = np.array([0] * 50 + [1] * 20 + [2] * 3 + [3] * 1)
     labels = np.random.default_rng(1).permutation(labels)
-    train, ref = split_reference(labels, 0.1, seed=7)
-    assert train.dtype == np.int64 and ref.dtype == np.int64
-    assert (np.diff(train) > 0).all() and (np.diff(ref) > 0).all()
-    assert np.intersect1d(train, ref).size == 0
-    assert np.array_equal(np.union1d(train, ref), np.arange(len(labels)))
-    per_class = np.bincount(labels[ref], minlength=4).tolist()
-    assert per_class == [5, 2, 1, 0]  # round(0.1 * n), at least 1 for classes of >= 2, none for a singleton
-    again_train, again_ref = split_reference(labels, 0.1, seed=7)
-    assert np.array_equal(again_ref, ref) and np.array_equal(again_train, train)
-    _, other_ref = split_reference(labels, 0.1, seed=8)
-    assert not np.array_equal(other_ref, ref)
-
-
-def test_split_reference_keeps_every_class_in_training() -> None:
-    labels = np.array([0, 0, 1, 1, 1])
-    train, ref = split_reference(labels, 0.9, seed=0)
-    assert set(labels[train].tolist()) == {0, 1}
-    assert np.bincount(labels[ref]).tolist() == [1, 2]
+    held = {"reference": 0.1, "features": 0.2}
+    splits = split_dataset(labels, held, seed=7)
+    assert list(splits) == ["reference", "features", "train"]
+    for idx in splits.values():
+        assert idx.dtype == np.int64 and (np.diff(idx) > 0).all()
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert np.intersect1d(splits[a], splits[b]).size == 0, (a, b)
+    assert np.array_equal(np.sort(np.concatenate(list(splits.values()))), np.arange(len(labels)))
+    # round(f * n), at least 1 while one image stays in training; a singleton class only trains
+    assert np.bincount(labels[splits["reference"]], minlength=4).tolist() == [5, 2, 1, 0]
+    assert np.bincount(labels[splits["features"]], minlength=4).tolist() == [10, 4, 1, 0]
+    assert set(labels[splits["train"]].tolist()) == {0, 1, 2, 3}
+    again = split_dataset(labels, held, seed=7)
+    assert all(np.array_equal(again[k], splits[k]) for k in splits)
+    assert not np.array_equal(split_dataset(labels, held, seed=8)["reference"], splits["reference"])
     with pytest.raises(ValueError):
-        split_reference(labels, 0.0, seed=0)
+        split_dataset(labels, {"reference": 0.0}, seed=0)
+    with pytest.raises(ValueError):
+        split_dataset(labels, {"reference": 0.6, "floor": 0.5}, seed=0)
+
+
+def test_stratified_draws_and_previews_cover_every_class_of_a_class_sorted_set() -> None:
+    labels = np.repeat(np.arange(8), [40, 30, 30, 30, 30, 30, 30, 20])  # sorted by class, as a folder is
+    drawn = stratified_sample(labels, 48, seed=0)
+    assert len(set(drawn.tolist())) == 48
+    counts = np.bincount(labels[drawn], minlength=8)
+    assert counts.sum() == 48 and counts.min() >= 4 and counts[0] > counts[7]
+    assert labels[drawn[:8]].tolist() == list(range(8))  # interleaved: one of each class first
+    idx, columns = class_grid_indices(labels, rows=5, seed=0)
+    assert columns == 8 and len(idx) == 40
+    assert labels[idx].reshape(5, 8).tolist() == [list(range(8))] * 5  # one class per column
 
 
 def test_make_grid_layout_and_padding(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""The evaluation protocol's pieces: which (solver, steps) a model can take, mean and spread over seeds,
-the stored FID against an independent SciPy computation, and a report that needs no network."""
+"""The evaluation protocol's pieces: which (solver, steps) a model can take, the measured FID against an
+independent SciPy computation, intervals and paired comparisons, and a report that needs no network."""
 
 import json
 from html.parser import HTMLParser
@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from reflow.data import load_digits, save_grid
-from reflow.fid import FeatureNet, extract_features, frechet_distance, register_classifier
-from stages.evaluate import flat_metrics, measure, summarise
+from reflow.fid import FeatureNet, classify, extract_features, fid_features, frechet_distance, register_classifier
+from reflow.intervals import MEASURES, Reference, SeedSet, measure_sets
+from reflow.results import headline_comparisons, load_evaluations, ranking, results_table
+from stages.evaluate import flat_metrics, plan_points, summarise
 from stages.generator import Generator, GeneratorError
 from stages.params import EvalParams
-from stages.report import load_evaluations, render, results_table, text_table
+from stages.report import render, text_table
 
 
 def velocity_generator(boundaries=None) -> Generator:
@@ -50,11 +52,16 @@ def test_sampling_counts_the_nfe_it_spends():
     assert torch.allclose(x, torch.zeros_like(x), atol=1e-5)
 
 
-def test_summary_is_mean_and_spread_over_seeds():
-    per_seed = [{"fid": 1.0, "kid": 0.1, "precision": 0.5, "recall": 0.4, "class_accuracy": 0.9},
-                {"fid": 3.0, "kid": 0.3, "precision": 0.7, "recall": 0.6, "class_accuracy": 0.7}]
-    s = summarise(per_seed)
-    assert s["fid"] == 2.0 and s["fid_std"] == 1.0 and s["class_accuracy"] == pytest.approx(0.8)
+def test_rk45_is_one_point_at_the_nfe_it_spends_and_segmented_models_refuse_it():
+    gen = velocity_generator()
+    p = EvalParams(solvers=["euler", "rk45"], steps=[1, 2])
+    plan, skipped = plan_points(gen, p)
+    assert plan == [("euler", 1), ("euler", 2), ("rk45", 0)] and not skipped
+    z0 = torch.randn(3, 4, 2, 2)
+    res = gen.sample(z0, torch.zeros(3, dtype=torch.long), steps=0, solver="rk45", tolerance=1e-3)
+    assert res.nfe >= 6 and torch.allclose(res.x, torch.zeros_like(res.x), atol=1e-3)  # dopri5: 6 a step
+    plan, skipped = plan_points(velocity_generator(boundaries=[0.0, 0.5, 1.0]), p)
+    assert ("rk45", 0) not in plan and "Euler inside each segment" in skipped[-1]["reason"]
 
 
 @pytest.fixture(scope="module")
@@ -65,34 +72,44 @@ def digits_and_net():
     return digits, net
 
 
-def test_measured_fid_equals_scipy_from_the_same_features(digits_and_net, tmp_path):
-    """What `evaluate` stores is torch-fidelity's FID; an independent NumPy/SciPy Fréchet distance over the
-    extractor's features of the same images must agree, and the cached reference must not change it."""
+def test_measured_fid_equals_scipy_from_the_same_features(digits_and_net):
+    """The features `evaluate` measures are torch-fidelity's from the registered extractor; an independent
+    NumPy/SciPy Fréchet distance over the extractor's own outputs on the same images must agree."""
     digits, net = digits_and_net
     name = register_classifier(net, "0" * 16 + "test-measure")
     reference, samples = digits.images[:150], digits.images[150:300]
-    params = EvalParams(kid_subset_size=50)
-    got = [measure(samples, digits.labels[150:300], reference, net, extractor=name, reference_name="ref-test",
-                   cache_root=str(tmp_path), seed=0, eval_params=params) for _ in range(2)]  # 2nd: from the cache
+    ref = Reference(fid_features(reference, extractor=name), neighbourhood=3)
+    correct = classify(net, samples).numpy() == digits.labels[150:300]
+    measured = measure_sets([SeedSet(0, fid_features(samples, extractor=name), correct)], ref)
     expected = frechet_distance(extract_features(net, samples), extract_features(net, reference))
-    assert got[0]["fid"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
-    assert got[1]["fid"] == pytest.approx(got[0]["fid"], rel=1e-9)
-    assert 0.0 <= got[0]["class_accuracy"] <= 1.0
+    assert measured["fid"].estimate == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert measured["class_accuracy"].estimate == pytest.approx(correct.mean())
+    interval = measured["fid"].interval()
+    assert interval.low < measured["fid"].estimate < interval.high and interval.method == "jackknife"
 
 
-def fake_evaluation(root: Path, key: str, model: str, fids: list[float]) -> None:
-    """A results.json shaped as `evaluate` writes it, and a real PNG grid."""
+def fake_evaluation(root: Path, key: str, model: str, shifts: list[float], floor: bool = True) -> None:
+    """An evaluation written the way `evaluate` writes it, from Gaussian 'features' (a shift per NFE; the
+    same noise for every model), and a real PNG grid."""
+    rng = np.random.default_rng(0)
+    reference = Reference(rng.normal(size=(40, 4)), neighbourhood=3, content_hash="ref")
     out = root / "artifacts" / f"evaluate@{key}"
     out.mkdir(parents=True)
-    points = [{"solver": "euler", "steps": n, "nfe": n, "fid": f, "fid_std": 0.1, "kid": 0.0, "kid_std": 0.0,
-               "precision": 0.5, "precision_std": 0.0, "recall": 0.5, "recall_std": 0.0, "class_accuracy": 0.9,
-               "class_accuracy_std": 0.0, "per_seed": []} for n, f in zip([1, 2, 4], fids, strict=True)]
-    protocol = {"model": model, "seeds": [0, 1, 2], "samples_per_point": 10, "guidance_scale": 1.0,
-                "reference": {"path": "artifacts/prepare/reference.zarr", "content_hash": "ab" * 32, "images": 10},
-                "extractor": {"name": "fid_features classifier", "sha256": "cd" * 32}}
-    real = {"fid": 0.5, "kid": 0.0, "precision": 1.0, "recall": 1.0, "class_accuracy": 1.0, "images": 10}
+    points, replicates = [], {}
+    for nfe, shift in zip([1, 2, 4], shifts, strict=True):
+        sets = [SeedSet(s, np.random.default_rng(s).normal(size=(30, 4)) + shift, np.ones(30, bool)) for s in (0, 1)]
+        measured = measure_sets(sets, reference)
+        points.append(summarise("euler", nfe, nfe, measured))
+        for name, m in measured.items():
+            replicates |= m.to_arrays(f"euler/{nfe}/{name}")
+    protocol = {"model": model, "seeds": [0, 1], "samples_per_seed": 30, "guidance_scale": 1.0,
+                "reference": {"path": "artifacts/prepare/reference.zarr", "content_hash": "ab" * 32, "images": 40},
+                "extractor": {"name": "fid_features classifier", "sha256": "cd" * 32, "standard": "in-project"},
+                "splits": {"train": {"rows": 100, "content_hash": "ef" * 32}}, "floor": {"draws": 2}}
+    floor_summary = {name: {"estimate": 0.5, "low": 0.4, "high": 0.6} for name in MEASURES}
     (out / "results.json").write_text(json.dumps({"protocol": protocol, "points": points, "skipped": [],
-                                                  "straightness": 0.01, "real_data": real}))
+                                                  "straightness": 0.01, "floor": floor_summary}))
+    np.savez(out / "replicates.npz", **replicates)
     save_grid(np.zeros((3, 3, 8, 8), np.uint8), out / "grid.png", nrow=3)
 
 
@@ -114,8 +131,8 @@ def test_report_page_embeds_every_picture_and_fetches_nothing(tmp_path):
     fake_evaluation(tmp_path, "rf1", "artifacts/rf1", [3.0, 2.0, 1.5])
     fake_evaluation(tmp_path, "dit", "artifacts/dit", [9.0, 4.0, 1.0])
     evaluations = load_evaluations(tmp_path)
-    assert [e["key"] for e in evaluations] == ["dit", "rf1"], "the teacher comes first"
-    page = render(tmp_path, evaluations, plot_png=(tmp_path / "artifacts/evaluate@dit/grid.png").read_bytes(),
+    assert [e.key for e in evaluations] == ["dit", "rf1"], "the teacher comes first"
+    page = render(tmp_path, evaluations, None, plot_png=(tmp_path / "artifacts/evaluate@dit/grid.png").read_bytes(),
                   tracked=False)
     parser = Links()
     parser.feed(page)
@@ -123,19 +140,41 @@ def test_report_page_embeds_every_picture_and_fetches_nothing(tmp_path):
     assert all(u.startswith("data:image/png;base64,") for u in parser.urls)
     assert "script" not in parser.tags and "link" not in parser.tags
     assert "lineage unavailable" in page  # no dvc.lock here: said, not hidden
+    assert "Which model at which budget" in page and "resolved" in page
 
 
-def test_results_table_has_a_column_per_nfe_and_the_real_data_floor(tmp_path):
+def test_results_table_shows_each_point_with_its_95_percent_interval(tmp_path):
     fake_evaluation(tmp_path, "rf1", "artifacts/rf1", [3.0, 2.0, 1.5])
-    header, rows = results_table(load_evaluations(tmp_path))
+    evaluations = load_evaluations(tmp_path)
+    header, rows = results_table(evaluations, None)
     assert header[:5] == ["model", "solver", "NFE 1", "NFE 2", "NFE 4"]
-    assert rows[0][2] == "3 ± 0.1" and rows[0][-1] == "1.5 (4)"
-    assert rows[-1][0].startswith("real images")
+    point = evaluations[0].points[0]
+    assert rows[0][2] == f"{point['fid']:.3g} ± {(point['fid_high'] - point['fid_low']) / 2:.2g}"
+    assert rows[0][-1] == f"{evaluations[0].at('best')['fid']:.3g} (4)"
     assert "NFE 4" in text_table(header, rows).splitlines()[0]
 
 
-def test_flat_metrics_name_solver_nfe_and_measure(tmp_path):
+def test_comparisons_pair_models_measured_from_the_same_noise(tmp_path):
+    """rf2 is rf1 moved a little nearer the reference at every NFE: from the same noise the difference is
+    resolved although each model's own interval is wide; an identical model is within noise."""
+    fake_evaluation(tmp_path, "rf1", "artifacts/rf1", [1.0, 1.0, 1.0])
+    fake_evaluation(tmp_path, "rf2", "artifacts/rf@2", [0.9, 0.9, 0.9])
+    fake_evaluation(tmp_path, "seqrf", "artifacts/seqrf", [0.9, 0.9, 0.9])
+    evaluations = load_evaluations(tmp_path)
+    by_key = {e.key: e for e in evaluations}
+    headline = {c.question: c for c in headline_comparisons(evaluations)}
+    one_step = headline["1-RF against 2-RF at one step"]
+    assert one_step.interval.resolved and one_step.interval.estimate > 0
+    own = by_key["rf1"].points[0]
+    assert one_step.interval.high - one_step.interval.low < own["fid_high"] - own["fid_low"]
+    assert headline["SeqRF against 2-RF at 4 NFE"].interval.verdict == "within noise"
+    assert [c.a for c in ranking(evaluations)][0] in ("rf2 at NFE 1", "seqrf at NFE 1")
+
+
+def test_flat_metrics_name_solver_nfe_measure_and_interval(tmp_path):
     fake_evaluation(tmp_path, "rf1", "artifacts/rf1", [3.0, 2.0, 1.5])
-    metrics = flat_metrics(json.loads((tmp_path / "artifacts/evaluate@rf1/results.json").read_text()))
-    assert metrics["euler_nfe2_fid"] == 2.0 and metrics["euler_nfe2_fid_std"] == 0.1
-    assert metrics["best_fid"] == 1.5 and metrics["best_fid_nfe"] == 4.0 and metrics["real_data_fid"] == 0.5
+    results = json.loads((tmp_path / "artifacts/evaluate@rf1/results.json").read_text())
+    metrics = flat_metrics(results)
+    point = results["points"][1]
+    assert metrics["euler_nfe2_fid"] == point["fid"] and metrics["euler_nfe2_fid_low"] == point["fid_low"]
+    assert metrics["best_fid_nfe"] == 4.0 and metrics["floor_fid"] == 0.5

@@ -1,19 +1,20 @@
-"""FID/KID/precision-recall through torch-fidelity with the in-project extractor, checked against SciPy."""
+"""FID/KID/precision-recall from torch-fidelity's features of the in-project extractor, checked against SciPy."""
 
 import numpy as np
 import pytest
 import torch
 
-from reflow.data import load_digits, split_reference
+from reflow.data import load_digits, split_dataset
 from reflow.fid import (
     FeatureNet,
     classifier_loss,
     classify,
     extract_features,
-    fidelity,
+    fid_features,
     frechet_distance,
     register_classifier,
 )
+from reflow.intervals import Reference, SeedSet, measure_sets
 from reflow.train import TrainConfig, make_accelerator, train
 
 
@@ -26,7 +27,8 @@ def digits():
 @pytest.fixture(scope="module")
 def trained(digits):
     images, labels = digits
-    train_idx, held_idx = split_reference(labels, 0.2, seed=0)
+    splits = split_dataset(labels, {"held": 0.2}, seed=0)
+    train_idx, held_idx = splits["train"], splits["held"]
     torch.manual_seed(0)
     net = FeatureNet(num_classes=10, resolution=16, width=8, feature_dim=32)
     data = {"images": torch.from_numpy(images[train_idx]), "labels": torch.from_numpy(labels[train_idx])}
@@ -46,15 +48,22 @@ def test_classifier_learns_the_held_out_digits(digits, trained):
     assert accuracy > 0.85
 
 
+def measures(net_name: str, samples: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    ref = Reference(fid_features(reference, extractor=net_name), neighbourhood=3)
+    measured = measure_sets([SeedSet(0, fid_features(samples, extractor=net_name), np.ones(len(samples), bool))],
+                            ref)
+    return {name: m.estimate for name, m in measured.items()}
+
+
 def test_fid_is_zero_on_itself_and_grows_with_the_shift(digits, trained):
     images, _ = digits
     net, _ = trained
     name = register_classifier(net, "0" * 64)
     reference = images[:900]
-    same = fidelity(reference, reference, extractor=name)
-    other_half = fidelity(images[900:], reference, extractor=name)
-    small = fidelity(brighter(images[900:], 40), reference, extractor=name)
-    large = fidelity(brighter(images[900:], 120), reference, extractor=name)
+    same = measures(name, reference, reference)
+    other_half = measures(name, images[900:], reference)
+    small = measures(name, brighter(images[900:], 40), reference)
+    large = measures(name, brighter(images[900:], 120), reference)
     assert abs(same["fid"]) < 1e-6 * large["fid"]
     assert same["precision"] == 1.0 and same["recall"] == 1.0
     assert same["fid"] < other_half["fid"] < small["fid"] < large["fid"]
@@ -69,20 +78,10 @@ def test_fid_equals_an_independent_scipy_computation(digits, trained):
     name = register_classifier(net, "1" * 64)
     samples, reference = brighter(images[900:], 30), images[:900]
     ours = frechet_distance(extract_features(net, samples), extract_features(net, reference))
-    assert fidelity(samples, reference, extractor=name)["fid"] == pytest.approx(ours, rel=1e-4)
-
-
-def test_reference_statistics_are_cached_under_the_given_name(digits, trained, tmp_path):
-    images, _ = digits
-    net, _ = trained
-    name = register_classifier(net, "2" * 64)
-    first = fidelity(images[900:], images[:900], extractor=name, reference_name="ref-abc", cache_root=str(tmp_path))
-    assert any("ref-abc" in p.name for p in tmp_path.rglob("*"))
-    again = fidelity(images[900:], images[:900], extractor=name, reference_name="ref-abc", cache_root=str(tmp_path))
-    assert again["fid"] == pytest.approx(first["fid"], rel=1e-9)
+    assert measures(name, samples, reference)["fid"] == pytest.approx(ours, rel=1e-4)
 
 
 def test_inception_without_local_weights_says_how_to_supply_them(digits):
     images, _ = digits
     with pytest.raises(ValueError, match="inception_weights"):
-        fidelity(images[:10], images[:10], extractor="inception-v3-compat")
+        fid_features(images[:10], extractor="inception-v3-compat")

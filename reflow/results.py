@@ -1,0 +1,196 @@
+"""The evaluations of a pipeline as tables and comparisons, every number with its 95% interval.
+
+Read by the `report` stage, `reflow results` and `reflow compare`. Each `artifacts/evaluate@<key>/` holds
+`results.json` (estimates, intervals, protocol) and `replicates.npz` (the leave-one-out replicates of every
+measure at every point); `artifacts/fid_reference/floor.npz` holds the real-data floor's. A difference
+between two points is computed from their replicates (`reflow.intervals.difference`), paired where they
+share the noise, and labelled resolved or within noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reflow.intervals import MEASURES, Interval, Measured, difference
+
+TEACHER = "artifacts/dit"
+# The comparisons the pipeline exists to make, by evaluate_models key: (label, (key, NFE), (key, NFE or "best")).
+HEADLINES = (
+    ("the one-step student against the teacher's best", ("distill", 1), ("dit", "best")),
+    ("1-RF against 2-RF at one step", ("rf1", 1), ("rf2", 1)),
+    ("SeqRF against 2-RF at 4 NFE", ("seqrf", 4), ("rf2", 4)),
+)
+
+
+@dataclass
+class Evaluation:
+    """One `evaluate@<key>` output: its results and, loaded on demand, its replicates."""
+
+    key: str
+    folder: Path
+    results: dict[str, Any]
+    _arrays: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> str:
+        return self.results["protocol"]["model"]
+
+    @property
+    def label(self) -> str:
+        return f"{self.key} ({self.model.removeprefix('artifacts/')})"
+
+    @property
+    def points(self) -> list[dict[str, Any]]:
+        return self.results["points"]
+
+    def solvers(self) -> list[str]:
+        return list(dict.fromkeys(p["solver"] for p in self.points))
+
+    def at(self, nfe: int | str) -> dict[str, Any] | None:
+        """The point at this NFE with the model's first solver (Euler, or DDIM for the teacher), or the
+        lowest-FID point of any solver for "best"."""
+        if nfe == "best":
+            return min(self.points, key=lambda p: p["fid"])
+        return next((p for p in self.points if p["solver"] == self.solvers()[0] and p["nfe"] == nfe), None)
+
+    def measured(self, point: dict[str, Any], measure: str) -> Measured:
+        if self._arrays is None:
+            path = self.folder / "replicates.npz"
+            with np.load(path, allow_pickle=False) as arrays:
+                self._arrays = dict(arrays)
+        return Measured.from_arrays(self._arrays, f"{point['solver']}/{point['steps']}/{measure}",
+                                    point.get("pairing", ""))
+
+
+def load_evaluations(root: Path) -> list[Evaluation]:
+    """Every `artifacts/evaluate@<key>/results.json`, the teacher first, then by key."""
+    found = []
+    for path in sorted((root / "artifacts").glob("evaluate@*/results.json")):
+        found.append(Evaluation(path.parent.name.split("@", 1)[1], path.parent, json.loads(path.read_text())))
+    return sorted(found, key=lambda e: (e.model != TEACHER, e.key))
+
+
+def load_floor(root: Path) -> dict[str, Measured] | None:
+    """The real-data floor's measures with their replicates, or None before `fid_reference` ran."""
+    path = root / "artifacts" / "fid_reference" / "floor.npz"
+    if not path.is_file():
+        return None
+    protocol = json.loads((path.parent / "protocol.json").read_text())
+    pairing = f"n={protocol['floor']['images_per_draw']}|{protocol['reference']['pairing']}"
+    with np.load(path, allow_pickle=False) as arrays:
+        return {m: Measured.from_arrays(arrays, m, pairing, draws_overlap=True) for m in MEASURES}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cells and the main table
+# ---------------------------------------------------------------------------------------------------------
+def with_interval(estimate: float, low: float, high: float, measure: str = "fid") -> str:
+    """`3.74 ± 0.52`, the ± being the 95% interval's half-width (the intervals are symmetric)."""
+    if math.isnan(low):
+        return f"{estimate:.3g}"
+    half = (high - low) / 2
+    return f"{estimate:.3g} ± {half:.2g}" if measure in ("fid", "kid") else f"{estimate:.2f} ± {half:.2f}"
+
+
+def point_cell(point: dict[str, Any] | None, measure: str) -> str:
+    return "" if point is None else with_interval(point[measure], point[f"{measure}_low"], point[f"{measure}_high"],
+                                                  measure)
+
+
+def interval_cell(interval: Interval, measure: str = "fid") -> str:
+    return with_interval(interval.estimate, interval.low, interval.high, measure)
+
+
+def results_table(evaluations: list[Evaluation], floor: dict[str, Measured] | None,
+                  measure: str = "fid") -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per model and solver, one column per NFE actually spent (RK45 at the one it
+    spent, rounded), the floor last."""
+    nfes = sorted({round(p["nfe"]) for e in evaluations for p in e.points})
+    header = ["model", "solver", *(f"NFE {n}" for n in nfes), "straightness", "best FID (NFE)"]
+    rows = []
+    for e in evaluations:
+        for solver in e.solvers():
+            points = {round(p["nfe"]): p for p in e.points if p["solver"] == solver}
+            best = min(points.values(), key=lambda p: p["fid"])
+            straight = "" if e.results["straightness"] is None else f"{e.results['straightness']:.3g}"
+            rows.append([e.label, solver, *(point_cell(points.get(n), measure) for n in nfes), straight,
+                         f"{best['fid']:.3g} ({best['nfe']:g})"])
+    if floor is not None:
+        cell = interval_cell(floor[measure].interval(), measure)
+        rows.append(["real images (the floor)", "", *([cell] * len(nfes)), "", cell])
+    return header, rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparisons
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Comparison:
+    """`a - b` of one measure, with its 95% interval and verdict."""
+
+    question: str
+    a: str
+    b: str
+    measure: str
+    a_value: float
+    b_value: float
+    interval: Interval
+
+    def row(self) -> list[str]:
+        return [self.question, self.a, self.b, f"{self.a_value:.3g}", f"{self.b_value:.3g}",
+                interval_cell(self.interval, self.measure), self.interval.verdict]
+
+
+COMPARISON_HEADER = ["comparison", "A", "B", "A", "B", "A - B (95%)", "verdict"]
+
+
+def _describe(e: Evaluation, point: dict[str, Any]) -> str:
+    solver = "" if point["solver"] in ("euler", "ddim") else f" ({point['solver']})"
+    return f"{e.key} at NFE {point['nfe']:g}{solver}"
+
+
+def compare(question: str, ea: Evaluation, pa: dict, eb: Evaluation, pb: dict, measure: str = "fid") -> Comparison:
+    interval = difference(ea.measured(pa, measure), eb.measured(pb, measure))
+    return Comparison(question, _describe(ea, pa), _describe(eb, pb), measure, pa[measure], pb[measure], interval)
+
+
+def headline_comparisons(evaluations: list[Evaluation], measure: str = "fid") -> list[Comparison]:
+    """The comparisons of HEADLINES whose models and NFE this pipeline evaluated."""
+    by_key = {e.key: e for e in evaluations}
+    out = []
+    for question, (key_a, nfe_a), (key_b, nfe_b) in HEADLINES:
+        if key_a in by_key and key_b in by_key:
+            pa, pb = by_key[key_a].at(nfe_a), by_key[key_b].at(nfe_b)
+            if pa is not None and pb is not None:
+                out.append(compare(question, by_key[key_a], pa, by_key[key_b], pb, measure))
+    return out
+
+
+def ranking(evaluations: list[Evaluation], measure: str = "fid") -> list[Comparison]:
+    """At each NFE two or more models reached (first solver each): the best against the runner-up."""
+    out = []
+    for nfe in sorted({p["nfe"] for e in evaluations for p in e.points if p["solver"] == e.solvers()[0]}):
+        here = sorted(((e.at(nfe)[measure], e) for e in evaluations if e.at(nfe) is not None),
+                      key=lambda pe: pe[0] if measure in ("fid", "kid") else -pe[0])
+        if len(here) >= 2:
+            (_, best), (_, second) = here[:2]
+            out.append(compare(f"best at NFE {nfe:g} against the runner-up", best, best.at(nfe), second,
+                               second.at(nfe), measure))
+    return out
+
+
+def against_floor(evaluations: list[Evaluation], floor: dict[str, Measured], measure: str = "fid") -> list[Comparison]:
+    """Each model's best point against the real-data floor (unpaired: the floor's images are not the models')."""
+    out = []
+    for e in evaluations:
+        best = e.at("best")
+        interval = difference(e.measured(best, measure), floor[measure])
+        out.append(Comparison("best point against real images", _describe(e, best), "the floor", measure,
+                              best[measure], floor[measure].estimate, interval))
+    return out

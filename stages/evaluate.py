@@ -34,7 +34,7 @@ from reflow.models import decode_latents, load_vae
 from reflow.samplers import per_sample_noise, sample_seeds
 from stages.common import StageContext, StageError, StageSpec, generation_autocast, generation_device, stage_main
 from stages.generator import Generator, load_generator
-from storage.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
+from storage.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_npz
 from storage.datasets import open_dataset
 from storage.faults import crash_point
 
@@ -164,14 +164,13 @@ def run(ctx: StageContext) -> dict:
                     images, nfe = generate_images(gen, vae, z0, labels, steps=steps, solver=solver,
                                                   guidance=guidance, batch_size=p.batch_size, device=device,
                                                   tolerance=p.rk45_tolerance)
-                buffer = io.BytesIO()
-                np.savez(buffer, features=fid_features(images, extractor=extractor, inception_weights=weights),
-                         correct=classify(judge, images).numpy() == labels, nfe=nfe)
+                arrays = {"features": fid_features(images, extractor=extractor, inception_weights=weights),
+                          "correct": classify(judge, images).numpy() == labels, "nfe": nfe}
                 if seed == p.seeds[0]:  # the grid shows the first seed: one sample per class at each NFE
                     row = io.BytesIO()
                     np.save(row, images[: min(num_classes, 16)])
                     atomic_write_bytes(_grid_row_path(ctx.scratch, solver, steps), row.getvalue())
-                atomic_write_bytes(done, buffer.getvalue())
+                atomic_write_npz(done, arrays)
                 crash_point("eval_point")
                 measured += 1
             with np.load(done, allow_pickle=False) as point:
@@ -204,7 +203,7 @@ def run(ctx: StageContext) -> dict:
     out = ctx.out("eval")
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "results.json", results)
-        np.savez(tmp / "replicates.npz", **replicates)
+        atomic_write_npz(tmp / "replicates.npz", replicates)
         rows = [np.load(_grid_row_path(ctx.scratch, solver, steps)) for solver, steps in plan]
         save_grid(np.concatenate(rows), tmp / "grid.png", nrow=len(rows[0]))
     ctx.log_artifact(out / "grid.png", "samples")

@@ -20,7 +20,7 @@ from reflow.data import stratified_sample
 from reflow.fid import INCEPTION, FeatureNet, classify, fid_features, register_classifier
 from reflow.intervals import MEASURES, Reference, SeedSet, measure_sets
 from stages.common import StageContext, StageError, StageSpec, stage_main
-from storage.atomic import atomic_dir, atomic_write_json
+from storage.atomic import atomic_dir, atomic_write_json, atomic_write_npz
 from storage.datasets import open_dataset
 from storage.hashing import file_sha256
 
@@ -92,9 +92,9 @@ def run(ctx: StageContext) -> dict:
     summary = {name: {**m.interval().as_dict(), "per_draw": list(m.per_seed.values())} for name, m in floor.items()}
     out = ctx.out("reference")
     with atomic_dir(out) as tmp:
-        np.savez(tmp / "reference.npz", features=reference_features,
-                 labels=reference_set.load("labels"))
-        np.savez(tmp / "floor.npz", **{k: v for name, m in floor.items() for k, v in m.to_arrays(name).items()})
+        atomic_write_npz(tmp / "reference.npz",
+                         {"features": reference_features, "labels": reference_set.load("labels")})
+        atomic_write_npz(tmp / "floor.npz", {k: v for name, m in floor.items() for k, v in m.to_arrays(name).items()})
         atomic_write_json(tmp / "protocol.json", protocol)
         atomic_write_json(tmp / "floor.json", summary)
     if n < p.num_samples:

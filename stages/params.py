@@ -319,7 +319,7 @@ class EvalParams(Strict):
     num_samples: int = Field(256, ge=10, description="per seed and NFE, against the whole reference set (359 digits)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
                              description="base seeds of the per-sample noise, for every point")
-    extra_seeds: list[int] = Field(default_factory=list,
+    extra_seeds: list[int] = Field(default_factory=lambda: [3, 4, 5, 6, 7],
                                    description="more seeds for the points cheap enough (NFE <= extra_seeds_max_nfe)")
     extra_seeds_max_nfe: PositiveFloat = 8
     steps: list[NFE] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 50], min_length=1,

@@ -83,6 +83,29 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def npz_bytes(arrays: dict[str, Any]) -> bytes:
+    """An `.npz` archive (what `numpy.load` reads) whose bytes depend on the arrays only.
+
+    `numpy.savez` stamps each member with the current time, so the same arrays would hash differently on
+    every run and DVC would see a changed output; here every member has the same fixed date."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asarray(arrays[name]), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+    return buffer.getvalue()
+
+
+def atomic_write_npz(path: str | Path, arrays: dict[str, Any]) -> None:
+    atomic_write_bytes(path, npz_bytes(arrays))
+
+
 def _remove_stale(final: Path) -> None:
     """Remove leftovers of earlier, killed attempts at writing ``final``.
 

@@ -17,6 +17,7 @@ from stages.evaluate import flat_metrics, plan_points, summarise
 from stages.generator import Generator, GeneratorError
 from stages.params import EvalParams
 from stages.report import render, text_table
+from storage.atomic import atomic_write_npz
 
 
 def velocity_generator(boundaries=None) -> Generator:
@@ -109,7 +110,7 @@ def fake_evaluation(root: Path, key: str, model: str, shifts: list[float], floor
     floor_summary = {name: {"estimate": 0.5, "low": 0.4, "high": 0.6} for name in MEASURES}
     (out / "results.json").write_text(json.dumps({"protocol": protocol, "points": points, "skipped": [],
                                                   "straightness": 0.01, "floor": floor_summary}))
-    np.savez(out / "replicates.npz", **replicates)
+    atomic_write_npz(out / "replicates.npz", replicates)
     save_grid(np.zeros((3, 3, 8, 8), np.uint8), out / "grid.png", nrow=3)
 
 

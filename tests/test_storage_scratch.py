@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from storage.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from storage.atomic import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_npz,
+    atomic_write_text,
+    npz_bytes,
+)
 from storage.hashing import canonical_json, file_sha256, params_hash
 from storage.scratch import clear_scratch, scratch_dir
 
@@ -117,3 +125,14 @@ def test_atomic_dir_removes_leftovers_of_killed_attempts(tmp_path: Path) -> None
     with atomic_dir(tmp_path / "model") as tmp:
         (tmp / "a").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-model2-0123456789ab", "model"]
+
+
+def test_npz_archives_depend_on_their_arrays_only(tmp_path: Path) -> None:
+    """numpy.savez stamps the time into every member; ours must hash the same on every run (DVC outputs)."""
+    arrays = {"b/x": np.arange(6.0).reshape(2, 3), "a": np.array([True, False])}
+    first = npz_bytes(arrays)
+    time.sleep(2.1)  # zip dates have a 2 s resolution
+    assert npz_bytes(arrays) == first
+    atomic_write_npz(tmp_path / "r.npz", arrays)
+    with np.load(tmp_path / "r.npz", allow_pickle=False) as loaded:
+        assert sorted(loaded.files) == ["a", "b/x"] and np.array_equal(loaded["b/x"], arrays["b/x"])

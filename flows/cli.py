@@ -128,6 +128,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     from stages.report import print_results
     from storage.lineage import find_repo_root
 
+    if args.runs:
+        from flows.lineage import cmd_runs
+
+        return cmd_runs(args)
     return print_results(find_repo_root(), args.measure)
 
 
@@ -178,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("results", help="the evaluation table (FID against NFE for every model)")
     p.add_argument("--measure", default="fid", choices=["fid", "kid", "precision", "recall", "class_accuracy"])
+    p.add_argument("--runs", nargs="+", metavar="RUN",
+                   help="training replicates to aggregate (git revisions or `dvc exp` names that differ only in "
+                        "training seeds): each number's 95%% interval over the runs covers training variance too")
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("sample", help="a grid of samples from any trained model")

@@ -229,7 +229,45 @@ def compare_report(root: Path, a: str, b: str) -> dict[str, Any]:
     return {"a": _source_json(side_a), "b": _source_json(side_b),
             "first_divergent": comparison.first_divergent,
             "only_in_a": comparison.only_in("a"), "only_in_b": comparison.only_in("b"),
-            "stages": [asdict(d) for d in comparison.stages], "mlflow": mlflow}
+            "stages": [asdict(d) for d in comparison.stages], "mlflow": mlflow,
+            "evaluations": evaluation_changes(root, side_a, side_b, comparison)}
+
+
+def _evaluation(root: Path, source: Source, stage: str):
+    """The evaluation `stage` made in `source`, read from DVC's cache by its output hash; None if absent."""
+    from reflow.results import evaluation_from_bytes
+    from storage.dvc_cache import output_file
+
+    out_hash = source.records[stage].outs.get(f"artifacts/{stage}", "")
+    results, replicates = (output_file(root, out_hash, name) for name in ("results.json", "replicates.npz"))
+    if results is None or replicates is None:
+        return None
+    return evaluation_from_bytes(stage.split("@", 1)[1], results, replicates)
+
+
+def evaluation_changes(root: Path, side_a: Source, side_b: Source, comparison) -> list[dict[str, Any]]:
+    """For every evaluate@ stage whose outputs differ: FID B - A at each point both measured, with its 95%
+    interval (paired: both sides sample from the same per-sample noise against the same reference) and
+    whether it is resolved or within noise."""
+    from reflow.results import paired_points, same_protocol, with_interval
+
+    rows = []
+    for d in comparison.stages:
+        if not d.stage.startswith("evaluate@") or d.status in ("same", "only_a", "only_b"):
+            continue
+        a, b = _evaluation(root, side_a, d.stage), _evaluation(root, side_b, d.stage)
+        if a is None or b is None:
+            rows.append({"stage": d.stage, "note": "not in the local DVC cache: `dvc pull` that revision"})
+            continue
+        if reason := same_protocol(a, b):
+            rows.append({"stage": d.stage, "note": f"not comparable: {reason}"})
+            continue
+        for c in paired_points(a, b):
+            i = c.interval
+            rows.append({"stage": d.stage, "point": c.b.split(" at ", 1)[1], "a": c.b_value, "b": c.a_value,
+                         "b_minus_a": i.estimate, "low": i.low, "high": i.high, "verdict": i.verdict,
+                         "shown": with_interval(i.estimate, i.low, i.high)})
+    return rows
 
 
 STATUS = {"same": "same outputs", "origin": "outputs differ  <- lineages part here",
@@ -267,10 +305,90 @@ def _print_compare(report: dict[str, Any]) -> None:
     if rows:
         print("\nMetrics at and downstream of the divergence:")
         print(_table(["stage", "metric", "A", "B", "B-A"], rows))
+    if report["evaluations"]:
+        print("\nFID, B - A with its 95% interval (paired over the shared noise and reference):")
+        print(_table(["stage", "point", "A", "B", "B - A (95%)", "verdict"], [
+            [e["stage"], e["point"], _number(e["a"]), _number(e["b"]), e["shown"], e["verdict"]] if "point" in e
+            else [e["stage"], "", "", "", "", e["note"]] for e in report["evaluations"]]))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     return _answer("compare", lambda root: compare_report(root, args.a, args.b), _print_compare, args.json)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reflow results --runs: training replicates
+# ---------------------------------------------------------------------------------------------------------
+def _point_metrics(metrics: dict[str, float], measure: str) -> dict[str, float]:
+    """`euler_nfe1_fid`-style entries of one evaluate stage's metrics (estimates, not interval ends)."""
+    return {k.removesuffix(f"_{measure}"): v for k, v in metrics.items()
+            if k.endswith(f"_{measure}") and not k.startswith(("floor_", "best_"))}
+
+
+def _headline_value(records: Records, key: str, nfe, measure: str) -> float | None:
+    record = records.get(f"evaluate@{key}")
+    if record is None:
+        return None
+    if nfe == "best":
+        return record.metrics.get(f"best_{measure}") if measure == "fid" else None
+    points = _point_metrics(record.metrics, measure)
+    return points.get(f"euler_nfe{nfe}", points.get(f"ddim_nfe{nfe}"))
+
+
+def runs_report(root: Path, names: list[str], measure: str = "fid") -> dict[str, Any]:
+    """Every evaluated point and headline difference over training replicates: per-run values and the
+    interval over runs (Student t, ddof = 1), which covers training and sampling variance together."""
+    from reflow.intervals import over_runs
+    from reflow.results import HEADLINES
+    from storage.lineage import _differing as differing_keys
+    from storage.lineage import load_source
+
+    client = _client(root, _tracking(root).uri)
+    sources = [load_source(root, name, client) for name in names]
+    base = sources[0].records
+    differing = sorted({k for s in sources[1:] for stage in base.keys() & s.records.keys()
+                        for k, _, _ in differing_keys(base[stage].params, s.records[stage].params)
+                        if not k.rsplit(".", 1)[-1].endswith("seed")})
+    points = []
+    for stage in sorted(s for s in base if s.startswith("evaluate@")):
+        per_run = [_point_metrics(src.records[stage].metrics, measure) if stage in src.records else {}
+                   for src in sources]
+        for label in sorted(set.intersection(*(set(r) for r in per_run))):
+            values = [r[label] for r in per_run]
+            points.append({"stage": stage, "point": label, "values": values, **over_runs(values).as_dict()})
+    headlines = []
+    for question, (key_a, nfe_a), (key_b, nfe_b) in HEADLINES:
+        diffs = [(_headline_value(s.records, key_a, nfe_a, measure), _headline_value(s.records, key_b, nfe_b, measure))
+                 for s in sources]
+        if all(a is not None and b is not None for a, b in diffs):
+            interval = over_runs([a - b for a, b in diffs])
+            headlines.append({"question": question, "values": [a - b for a, b in diffs], **interval.as_dict(),
+                              "verdict": interval.verdict})
+    return {"runs": [_source_json(s) for s in sources], "measure": measure, "not_seeds": differing,
+            "points": points, "headlines": headlines}
+
+
+def _print_runs(report: dict[str, Any]) -> None:
+    from reflow.results import with_interval
+
+    runs = ", ".join(_side(r) for r in report["runs"])
+    print(f"{report['measure']} over {len(report['runs'])} training replicates ({runs}); ± is the 95% interval over "
+          "runs (Student t, ddof 1), which holds training and sampling variance\n")
+    if report["not_seeds"]:
+        print("warning: the runs differ in more than seeds: " + ", ".join(report["not_seeds"]) + "\n")
+    print(_table(["stage", "point", "mean ± 95%", "per run"], [
+        [p["stage"], p["point"], with_interval(p["estimate"], p["low"], p["high"], report["measure"]),
+         ", ".join(f"{v:.3g}" for v in p["values"])] for p in report["points"]], indent=""))
+    if report["headlines"]:
+        print("\nHeadline differences, each run pairing its own models:")
+        print(_table(["comparison", "A - B ± 95%", "per run", "verdict"], [
+            [h["question"], with_interval(h["estimate"], h["low"], h["high"], report["measure"]),
+             ", ".join(f"{v:+.3g}" for v in h["values"]), h["verdict"]] for h in report["headlines"]], indent=""))
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    return _answer("results --runs", lambda root: runs_report(root, args.runs, args.measure), _print_runs,
+                   getattr(args, "json", False))
 
 
 SIDE_HELP = "`workspace`, a git revision, a `dvc exp` name, or an MLflow pipeline run id (tried in that order)"

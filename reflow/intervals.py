@@ -256,10 +256,13 @@ class Reference:
     def __init__(self, features: np.ndarray, *, neighbourhood: int, content_hash: str = ""):
         self.features = np.asarray(features, np.float64)
         self.k, self.content_hash = neighbourhood, content_hash
-        m = len(self.features)
+        m, d = self.features.shape
         if m < neighbourhood + 3:
             raise ValueError(f"the reference has {m} images; precision/recall with k = {neighbourhood} need "
                              f"at least {neighbourhood + 3}")
+        self.jackknife = jackknife_fits(1, m, d)  # else every set is measured the large way
+        if not self.jackknife:
+            return
         self.mu, self.cov = moments(self.features)
         self.cov_sqrt = _psd_sqrt(self.cov)
         self.mu_out, self.cov_out = left_out_moments(self.features)
@@ -313,6 +316,34 @@ def seed_statistics(x: np.ndarray, correct: np.ndarray, ref: Reference) -> Stati
     }
 
 
+# Above this many floats in the leave-one-out covariances (n x D x D), or this many distances (n x m), a set is
+# measured by torch-fidelity's own functions instead, and its interval comes from the spread over seeds.
+JACKKNIFE_MAX_FLOATS = 5e7
+
+
+def jackknife_fits(n: int, m: int, d: int) -> bool:
+    return max(n, m) * d * d <= JACKKNIFE_MAX_FLOATS and n * m * max(n, m) <= 20 * JACKKNIFE_MAX_FLOATS
+
+
+def large_set_values(x: np.ndarray, ref: Reference) -> dict[str, float]:
+    """FID, KID and precision/recall of a set too large to leave out one by one, by torch-fidelity's metric
+    functions (KID over 100 subsets of min(n, m, 1000); the recorded protocol says so)."""
+    import torch
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    tx, ty = torch.from_numpy(np.asarray(x, np.float64)), torch.from_numpy(ref.features)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(tx), fid_features_to_statistics(ty), False)
+    kid = kid_features_to_metric(tx, ty, kid_subsets=100, kid_subset_size=min(len(x), len(ref.features), 1000),
+                                 verbose=False, rng_seed=0, kid_kernel="poly", kid_kernel_poly_degree=3,
+                                 kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
+    prc = prc_features_to_metric(tx, ty, prc_neighborhood=ref.k, prc_batch_size=10000, save_cpu_ram=True,
+                                 verbose=False)
+    return {"fid": float(fid["frechet_inception_distance"]), "kid": float(kid["kernel_inception_distance_mean"]),
+            "precision": float(prc["precision"]), "recall": float(prc["recall"])}
+
+
 @dataclass
 class SeedSet:
     """One seed's N samples: their features and whether the class judge agreed with each sample's label."""
@@ -323,10 +354,17 @@ class SeedSet:
 
 
 def measure_sets(sets: Sequence[SeedSet], ref: Reference, *, draws_overlap: bool = False) -> dict[str, Measured]:
-    """Every measure of a set over its seeds (or the floor over its draws), with its replicates."""
-    per_seed = {s.seed: seed_statistics(s.features, s.correct, ref) for s in sets}
+    """Every measure of a set over its seeds (or the floor over its draws), with its replicates; a set too
+    large for the jackknife gets per-seed values only (its intervals then come from the seeds)."""
     sizes = {len(s.features) for s in sets}
     pairing = f"n={','.join(map(str, sorted(sizes)))}|{ref.content_hash}"
+    if not ref.jackknife or not jackknife_fits(max(sizes), len(ref.features), ref.features.shape[1]):
+        values = {s.seed: large_set_values(s.features, ref) | {"class_accuracy": float(np.mean(s.correct))}
+                  for s in sets}
+        return {name: Measured(float(np.mean([v[name] for v in values.values()])),
+                               {seed: v[name] for seed, v in values.items()}, {}, np.zeros(0), pairing,
+                               draws_overlap, name) for name in MEASURES}
+    per_seed = {s.seed: seed_statistics(s.features, s.correct, ref) for s in sets}
     out = {}
     for name in MEASURES:
         values = {seed: stats[name][0] for seed, stats in per_seed.items()}

@@ -68,6 +68,34 @@ class Evaluation:
                                     point.get("pairing", ""))
 
 
+def evaluation_from_bytes(key: str, results: bytes, replicates: bytes) -> Evaluation:
+    """An evaluation read from elsewhere than the workspace (DVC's cache, for `reflow compare`)."""
+    import io
+
+    with np.load(io.BytesIO(replicates), allow_pickle=False) as arrays:
+        return Evaluation(key, Path(), json.loads(results), dict(arrays))
+
+
+def same_protocol(a: Evaluation, b: Evaluation) -> str | None:
+    """Why two evaluations' numbers cannot be compared (another extractor or reference), or None."""
+    pa, pb = a.results["protocol"], b.results["protocol"]
+    if pa["extractor"]["sha256"] != pb["extractor"]["sha256"]:
+        return "the FID extractors differ: the numbers live in different feature spaces"
+    if pa["reference"]["content_hash"] != pb["reference"]["content_hash"]:
+        return "the reference sets differ"
+    return None
+
+
+def paired_points(a: Evaluation, b: Evaluation, measure: str = "fid") -> list[Comparison]:
+    """`b - a` at every (solver, steps) both measured: the change from A to B."""
+    out = []
+    for pa in a.points:
+        pb = next((p for p in b.points if (p["solver"], p["steps"]) == (pa["solver"], pa["steps"])), None)
+        if pb is not None:
+            out.append(compare(f"{a.key}: B - A", b, pb, a, pa, measure))
+    return out
+
+
 def load_evaluations(root: Path) -> list[Evaluation]:
     """Every `artifacts/evaluate@<key>/results.json`, the teacher first, then by key."""
     found = []

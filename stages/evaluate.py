@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,17 +123,74 @@ def summarise(solver: str, steps: int, nfe: float, measured: dict[str, Measured]
     return point
 
 
+@dataclass
+class Measurement:
+    """What every point of one evaluation is sampled and measured with."""
+
+    ctx: StageContext
+    gen: Generator
+    vae: torch.nn.Module
+    judge: FeatureNet
+    extractor: str
+    weights: str | None
+    guidance: float
+    labels: np.ndarray
+
+    def point(self, z0: torch.Tensor, solver: str, steps: int, seed: int, done: Path) -> None:
+        """Sample one (solver, steps, seed) point and keep its features, judgements and NFE in `done`."""
+        p, compute = self.ctx.params.eval, self.ctx.params.compute
+        with generation_autocast(compute):
+            images, nfe = generate_images(self.gen, self.vae, z0, self.labels, steps=steps, solver=solver,
+                                          guidance=self.guidance, batch_size=p.batch_size,
+                                          device=generation_device(compute), tolerance=p.rk45_tolerance)
+        arrays = {"features": fid_features(images, extractor=self.extractor, inception_weights=self.weights),
+                  "correct": classify(self.judge, images).numpy() == self.labels, "nfe": nfe}
+        if seed == p.seeds[0]:  # the grid shows the first seed: one sample per class at each NFE
+            row = io.BytesIO()
+            np.save(row, images[: min(int(self.gen.meta["num_classes"]), 16)])
+            atomic_write_bytes(_grid_row_path(self.ctx.scratch, solver, steps), row.getvalue())
+        atomic_write_npz(done, arrays)
+        crash_point("eval_point")
+
+    def all_points(self, plan: list[tuple[str, int]]) -> tuple[dict, dict, list[float], int]:
+        """Every point of the plan over the seeds, resuming from the points already kept: the seed sets and
+        NFE of each point, the straightness of each base seed, and how many points this run measured."""
+        p, device = self.ctx.params.eval, generation_device(self.ctx.params.compute)
+        sets: dict[tuple[str, int], list[SeedSet]] = {point: [] for point in plan}
+        nfe_of: dict[tuple[str, int], float] = {}
+        straightness, measured = [], 0
+        bar = tqdm(total=len(plan) * (len(p.seeds) + len(p.extra_seeds)), desc=self.ctx.spec.name, unit="point",
+                   mininterval=1.0)
+        for seed in [*p.seeds, *p.extra_seeds]:
+            z0 = per_sample_noise(sample_seeds(seed, 0, p.num_samples), tuple(self.gen.meta["latent_shape"]))
+            if seed in p.seeds:
+                k = min(STRAIGHTNESS_SAMPLES, len(z0))
+                path_s = self.gen.straightness(z0[:k].to(device), torch.from_numpy(self.labels[:k]).to(device),
+                                               steps=p.straightness_steps, guidance=self.guidance)
+                if path_s is not None:
+                    straightness.append(float(path_s.mean()))
+            for solver, steps in plan:
+                bar.update()
+                if seed not in p.seeds and nfe_of[(solver, steps)] > p.extra_seeds_max_nfe:
+                    continue
+                done = _point_file(self.ctx, solver, steps, seed)
+                if not done.is_file():
+                    self.point(z0, solver, steps, seed, done)
+                    measured += 1
+                with np.load(done, allow_pickle=False) as point:
+                    sets[(solver, steps)].append(SeedSet(seed, point["features"], point["correct"]))
+                    nfe_of.setdefault((solver, steps), float(point["nfe"]))
+        bar.close()
+        return sets, nfe_of, straightness, measured
+
+
 def run(ctx: StageContext) -> dict:
-    p, compute = ctx.params.eval, ctx.params.compute
-    device = generation_device(compute)
+    p = ctx.params.eval
+    device = generation_device(ctx.params.compute)
     teacher_pairs = open_dataset(ctx.dep("teacher_pairs") / "pairs.zarr", kind="pairs")
     gen = load_generator(ctx.dep("model"), teacher_guidance=float(teacher_pairs.attrs["guidance_scale"])).to(device)
-    vae = load_vae(ctx.dep("vae")).to(device).eval()
     judge = FeatureNet.from_pretrained(ctx.dep("features")).eval()
     reference, protocol, extractor, weights = load_reference(ctx, judge)
-
-    num_classes, shape = int(gen.meta["num_classes"]), tuple(gen.meta["latent_shape"])
-    labels = np.arange(p.num_samples, dtype=np.int64) % num_classes
     plan, skipped = plan_points(gen, p)
     if not plan:
         raise StageError(f"{ctx.spec.name}: none of eval.steps {p.steps} suits {ctx.spec.deps['model']}: "
@@ -140,43 +198,10 @@ def run(ctx: StageContext) -> dict:
     guidance = p.guidance_scale if p.guidance_scale is not None else gen.default_guidance
     for folder in (ctx.scratch / "points", ctx.scratch / "grid"):
         folder.mkdir(parents=True, exist_ok=True)
-
-    sets: dict[tuple[str, int], list[SeedSet]] = {point: [] for point in plan}
-    nfe_of: dict[tuple[str, int], float] = {}
-    straightness, measured = [], 0
-    bar = tqdm(total=len(plan) * (len(p.seeds) + len(p.extra_seeds)), desc=ctx.spec.name, unit="point",
-               mininterval=1.0)
-    for seed in [*p.seeds, *p.extra_seeds]:
-        z0 = per_sample_noise(sample_seeds(seed, 0, p.num_samples), shape)
-        if seed in p.seeds:
-            k = min(STRAIGHTNESS_SAMPLES, len(z0))
-            path_s = gen.straightness(z0[:k].to(device), torch.from_numpy(labels[:k]).to(device),
-                                      steps=p.straightness_steps, guidance=guidance)
-            if path_s is not None:
-                straightness.append(float(path_s.mean()))
-        for solver, steps in plan:
-            bar.update()
-            if seed not in p.seeds and nfe_of[(solver, steps)] > p.extra_seeds_max_nfe:
-                continue
-            done = _point_file(ctx, solver, steps, seed)
-            if not done.is_file():
-                with generation_autocast(compute):
-                    images, nfe = generate_images(gen, vae, z0, labels, steps=steps, solver=solver,
-                                                  guidance=guidance, batch_size=p.batch_size, device=device,
-                                                  tolerance=p.rk45_tolerance)
-                arrays = {"features": fid_features(images, extractor=extractor, inception_weights=weights),
-                          "correct": classify(judge, images).numpy() == labels, "nfe": nfe}
-                if seed == p.seeds[0]:  # the grid shows the first seed: one sample per class at each NFE
-                    row = io.BytesIO()
-                    np.save(row, images[: min(num_classes, 16)])
-                    atomic_write_bytes(_grid_row_path(ctx.scratch, solver, steps), row.getvalue())
-                atomic_write_npz(done, arrays)
-                crash_point("eval_point")
-                measured += 1
-            with np.load(done, allow_pickle=False) as point:
-                sets[(solver, steps)].append(SeedSet(seed, point["features"], point["correct"]))
-                nfe_of.setdefault((solver, steps), float(point["nfe"]))
-    bar.close()
+    labels = np.arange(p.num_samples, dtype=np.int64) % int(gen.meta["num_classes"])
+    measurement = Measurement(ctx, gen, load_vae(ctx.dep("vae")).to(device).eval(), judge, extractor, weights,
+                              guidance, labels)
+    sets, nfe_of, straightness, measured = measurement.all_points(plan)
 
     points, replicates = [], {}
     for (solver, steps), seed_sets in sets.items():

@@ -1,0 +1,1 @@
+"""Prefect tasks: one generic task that runs a DVC stage."""

@@ -135,3 +135,18 @@ def test_intervals_over_runs_use_student_t_with_ddof_1():
     assert math.isnan(over_runs([3.0]).low) and over_runs([3.0]).verdict == "no interval"
     assert Interval(0.5, 0.1, 0.9, "x").verdict == "resolved"
     assert Interval(0.5, -0.1, 0.9, "x").verdict == "within noise"
+
+
+def test_sets_too_large_for_the_jackknife_are_measured_by_torch_fidelity_with_intervals_over_seeds(monkeypatch):
+    import reflow.intervals as intervals
+
+    rng = np.random.default_rng(7)
+    y = gaussian(rng, M, 0.3)
+    sets = [SeedSet(s, gaussian(rng, N), np.ones(N, bool)) for s in range(3)]
+    exact = measure_sets(sets, Reference(y, neighbourhood=3))
+    monkeypatch.setattr(intervals, "JACKKNIFE_MAX_FLOATS", 10.0)
+    large = measure_sets(sets, Reference(y, neighbourhood=3))
+    assert not large["fid"].has_replicates and large["fid"].interval().method == "seeds"
+    for name in ("fid", "precision", "recall", "class_accuracy"):
+        assert large[name].estimate == pytest.approx(exact[name].estimate, rel=1e-6), name
+    assert difference(large["fid"], large["fid"]).estimate == 0.0

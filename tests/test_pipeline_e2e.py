@@ -330,3 +330,28 @@ def test_teacher_pairs_killed_mid_way_resume_to_identical_pairs(repo):
     resumed = open_dataset(out, kind="pairs", verify=True)
     for name, array in expected.items():
         assert np.array_equal(resumed.load(name), array), name
+
+
+def test_compare_and_results_runs_say_whether_a_training_seed_moved_fid_beyond_noise(copy_pipeline, tmp_path):
+    """The README's recipe: commit the run, `dvc exp run -S distill.seed=7`, then `reflow compare HEAD <exp>` pairs
+    evaluate@distill's points across the two runs, and `reflow results --runs` takes intervals over them."""
+    repo = copy_pipeline(tmp_path / "repo")
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@l", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@l", "commit", "-qm", "run"], cwd=repo, check=True)
+    res = dvc(repo, "exp", "run", "-n", "seed7", "-S", "distill.seed=7")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    cli = [sys.executable, "-m", "flows.cli"]
+    res = subprocess.run([*cli, "compare", "HEAD", "seed7", "--json"], cwd=repo, env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    rows = [e for e in json.loads(res.stdout)["evaluations"] if e["stage"] == "evaluate@distill"]
+    assert rows and all(e["verdict"] in ("resolved", "within noise") and e["low"] <= e["b_minus_a"] <= e["high"]
+                        for e in rows), rows
+    shown = subprocess.run([*cli, "compare", "HEAD", "seed7"], cwd=repo, env=env, capture_output=True, text=True)
+    assert "B - A with its 95% interval" in shown.stdout
+    res = subprocess.run([*cli, "results", "--runs", "HEAD", "seed7"], cwd=repo, env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert "over 2 training replicates" in res.stdout and "evaluate@distill" in res.stdout
+    assert "differ in more than seeds" not in res.stdout

@@ -1,20 +1,23 @@
 """95% intervals for FID, KID, precision, recall and class accuracy, and for differences between them.
 
 A measure has two sources of sampling noise: the generated samples (N per seed of `eval.seeds`) and the M
-reference images. Both are resampled by the delete-one jackknife (docs/evaluation.md has the derivation and
-the calibration measured against the bootstrap):
+reference images. Both are estimated from independent replications, never by recentring on the observed set
+(docs/evaluation.md has why: the jackknife and the bootstrap both overstated FID's spread 2-3x on the demo's
+features, whose covariance is nearly singular):
 
-- For each seed s and sample i, the measure is recomputed with sample i of seed s left out; for each
-  reference image j, with image j left out. Each is exact for its left-out set (FID and KID from downdated
-  moments and kernel sums, precision and recall with the k-NN balls recomputed).
-- Var(estimate) = sum_s jk(theta_s(-i)) / S^2 + jk(theta(-j)), with jk(v) = (n - 1)/n sum (v - mean v)^2.
-- Replicates are keyed by what was left out, (seed, i) or j, so two models measured from the same per-sample
-  noise against the same reference are paired by construction, whichever stage or run measured them: the
-  replicates of a difference are the differences of the replicates, and the noise the models share cancels.
+- samples: the seeds are independent draws of N samples, so the spread of the per-seed values (ddof = 1)
+  measures their part exactly: Var_samples = s^2 / S;
+- reference: the reference is split K times into two disjoint, class-stratified halves H1, H2. Given the
+  samples, theta(H1) and theta(H2) are independent, so E[(theta(H1) - theta(H2))^2] = 2 Var(theta at M/2),
+  and Var(theta at M) <= Var(theta at M/2) / 2 (variance falls at least as 1/M): Var_ref = mean_k D_k^2 / 4,
+  a mild upper bound;
+- the interval is the estimate ± t(0.975, df) · sqrt(Var_samples + Var_ref), df by Welch-Satterthwaite.
 
-An interval is the estimate ± 1.96 standard errors; a difference is resolved when its interval excludes
-zero, and "within noise" otherwise. `over_runs` gives the interval over training replicates (runs that
-differ only in their training seeds): mean ± t(0.975, R - 1) · sd / sqrt(R), which covers training variance.
+The splits are a function of the reference alone, and samples are indexed by seed, so two models measured
+from the same noise against the same reference pair up by construction, whichever stage or run measured
+them: a difference is taken seed by seed and split by split, and the noise the models share cancels. A set
+with fewer than two seeds, or the real-data floor (whose draws share images), gets its sample part from
+split halves of its own samples instead. `over_runs` gives the interval over training replicates.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 MEASURES = ("fid", "kid", "precision", "recall", "class_accuracy")
 # Where each measure can lie: an interval is cut to it (FID >= 0; KID, unbiased, may be negative).
 RANGES = {"fid": (0.0, math.inf), "kid": (-math.inf, math.inf), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
           "class_accuracy": (0.0, 1.0)}
+DEFAULT_SPLITS = 16
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -42,7 +45,7 @@ class Interval:
     estimate: float
     low: float
     high: float
-    method: str  # "jackknife" | "seeds" | "runs" | "none"
+    method: str  # "seeds+splits" | "splits" | "runs" | "none"
 
     @property
     def resolved(self) -> bool:
@@ -59,26 +62,30 @@ class Interval:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "method": self.method}
 
 
-def normal_interval(estimate: float, variance: float, method: str = "jackknife") -> Interval:
-    half = Z95 * math.sqrt(max(variance, 0.0))
+def _t(df: float) -> float:
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(0.975, df)) if math.isfinite(df) else 1.959963984540054
+
+
+def combined_interval(estimate: float, parts: list[tuple[float, float]], method: str) -> Interval:
+    """estimate ± t(0.975, df) · sqrt(sum of variances), df by Welch-Satterthwaite over (variance, df) parts."""
+    total = sum(v for v, _ in parts)
+    if total <= 0 or not parts:
+        return Interval(float(estimate), float(estimate), float(estimate), method)
+    denominator = sum(v * v / df for v, df in parts if v > 0)
+    df = total * total / denominator if denominator > 0 else math.inf
+    half = _t(df) * math.sqrt(total)
     return Interval(float(estimate), estimate - half, estimate + half, method)
 
 
 def t_interval(values: Sequence[float], method: str) -> Interval:
     """mean ± t(0.975, n - 1) · sd / sqrt(n) over n independent values (sd with ddof = 1); none from one."""
-    from scipy.stats import t as student_t
-
     values = np.asarray(values, dtype=np.float64)
     mean = float(values.mean()) if len(values) else math.nan
     if len(values) < 2:
         return Interval(mean, math.nan, math.nan, "none")
-    half = float(student_t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
-    return Interval(mean, mean - half, mean + half, method)
-
-
-def seeds_interval(values: Sequence[float]) -> Interval:
-    """Over the seeds' values alone (the reference's own noise is not in it)."""
-    return t_interval(values, "seeds")
+    return combined_interval(mean, [(float(values.var(ddof=1)) / len(values), len(values) - 1)], method)
 
 
 def over_runs(estimates: Sequence[float]) -> Interval:
@@ -86,138 +93,98 @@ def over_runs(estimates: Sequence[float]) -> Interval:
     return t_interval(estimates, "runs")
 
 
-def jk_variance(replicates: np.ndarray) -> float:
-    """The delete-one jackknife's variance from the n leave-one-out values of a statistic."""
-    n = len(replicates)
-    return float((n - 1) / n * np.sum((replicates - replicates.mean()) ** 2)) if n > 1 else 0.0
+def split_variance(halves: np.ndarray) -> tuple[float, float]:
+    """(variance at the full size, its degrees of freedom) from K split-half pairs, a K x 2 array."""
+    d = halves[:, 0] - halves[:, 1]
+    return float(np.mean(d * d) / 4), float(len(d))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A measure over seeds, with its leave-one-out replicates
+# A measure over seeds, with what its interval and pairings need
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Measured:
-    """One measure of one set (a model at one NFE, or the floor): its estimate, the mean over seeds of the
-    per-seed values, and the leave-one-out replicates that give its interval and pair it with others.
-
-    `left_out[s][i]` is seed s's value with its sample i left out; `reference[j]` the mean over seeds with
-    reference image j left out. `pairing` names what makes two sets' replicates comparable (the seeds'
-    sample count and the reference's content hash); `draws_overlap` marks the floor's draws, which share
-    images, so their per-draw variances are not divided by the number of draws (the conservative bound).
-    """
+    """One measure of one set (a model at one NFE, or the floor): the estimate is the mean of the per-seed
+    values; `reference_halves[s]` is seed s's value against each half of each reference split (K x 2),
+    `sample_halves[s]` the value of each half of its own samples (K x 2). `pairing` names what two sets must
+    share to pair seed by seed (sample count and reference); `draws_overlap` marks the floor's draws."""
 
     estimate: float
     per_seed: dict[int, float]
-    left_out: dict[int, np.ndarray]
-    reference: np.ndarray
+    reference_halves: dict[int, np.ndarray]
+    sample_halves: dict[int, np.ndarray]
     pairing: str = ""
     draws_overlap: bool = False
     measure: str = ""
 
     @property
-    def has_replicates(self) -> bool:
-        return bool(self.left_out)
+    def seeds(self) -> list[int]:
+        return sorted(self.per_seed)
+
+    def _independent_seeds(self) -> bool:
+        return len(self.per_seed) >= 2 and not self.draws_overlap
+
+    def sample_part(self, seeds: Sequence[int] | None = None) -> tuple[float, float]:
+        """(variance of the mean over `seeds` due to the samples, df)."""
+        seeds = self.seeds if seeds is None else list(seeds)
+        if self._independent_seeds() and len(seeds) >= 2:
+            values = np.asarray([self.per_seed[s] for s in seeds])
+            return float(values.var(ddof=1)) / len(seeds), len(seeds) - 1
+        # one seed, or overlapping draws: split halves of the samples, not shrunk by the number of draws
+        parts = [split_variance(self.sample_halves[s]) for s in seeds]
+        return float(np.mean([v for v, _ in parts])), float(sum(df for _, df in parts) / len(parts))
+
+    def reference_part(self, seeds: Sequence[int] | None = None) -> tuple[float, float]:
+        seeds = self.seeds if seeds is None else list(seeds)
+        return split_variance(np.mean([self.reference_halves[s] for s in seeds], axis=0))
 
     def interval(self) -> Interval:
-        if not self.has_replicates:  # too large to leave out one by one: the spread over seeds alone
-            interval = seeds_interval(list(self.per_seed.values()))
-        else:
-            interval = normal_interval(self.estimate, self._sample_variance() + jk_variance(self.reference))
+        interval = combined_interval(self.estimate, [self.sample_part(), self.reference_part()], "seeds+splits")
         low, high = RANGES.get(self.measure, (-math.inf, math.inf))
         return Interval(interval.estimate, max(interval.low, low), min(interval.high, high), interval.method)
 
-    def _weights(self) -> float:
-        return 1.0 if self.draws_overlap else 1.0 / len(self.per_seed)
-
-    def _sample_variance(self) -> float:
-        w = self._weights()
-        if self.draws_overlap:  # Var(mean of dependent draws) <= mean of their variances
-            return float(np.mean([jk_variance(v) for v in self.left_out.values()]))
-        return sum(w * w * jk_variance(v) for v in self.left_out.values())
-
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         """Flat arrays for an `.npz` file (no pickled objects)."""
-        seeds = sorted(self.left_out)
+        seeds = self.seeds
         return {f"{prefix}/seeds": np.asarray(seeds, np.int64),
                 f"{prefix}/per_seed": np.asarray([self.per_seed[s] for s in seeds], np.float64),
-                f"{prefix}/left_out": np.stack([self.left_out[s] for s in seeds]),
-                f"{prefix}/reference": self.reference,
-                f"{prefix}/estimate": np.asarray(self.estimate, np.float64)}
+                f"{prefix}/reference_halves": np.stack([self.reference_halves[s] for s in seeds]),
+                f"{prefix}/sample_halves": np.stack([self.sample_halves[s] for s in seeds])}
 
     @classmethod
     def from_arrays(cls, arrays, prefix: str, pairing: str = "", draws_overlap: bool = False) -> Measured:
         seeds = [int(s) for s in arrays[f"{prefix}/seeds"]]
         per_seed = arrays[f"{prefix}/per_seed"]
-        left_out = arrays[f"{prefix}/left_out"]
-        return cls(float(arrays[f"{prefix}/estimate"]), {s: float(per_seed[k]) for k, s in enumerate(seeds)},
-                   {s: left_out[k] for k, s in enumerate(seeds)}, arrays[f"{prefix}/reference"], pairing,
+        ref, own = arrays[f"{prefix}/reference_halves"], arrays[f"{prefix}/sample_halves"]
+        return cls(float(np.mean(per_seed)), {s: float(per_seed[k]) for k, s in enumerate(seeds)},
+                   {s: ref[k] for k, s in enumerate(seeds)}, {s: own[k] for k, s in enumerate(seeds)}, pairing,
                    draws_overlap, prefix.rsplit("/", 1)[-1])
 
 
 def difference(a: Measured, b: Measured) -> Interval:
-    """The interval of a - b. Seeds both measured with the same sample count are paired sample by sample,
-    and the reference's replicates are paired when both used the same reference; the rest adds up.
-    Without replicates (sets too large to leave out one by one): paired over the common seeds."""
-    if not (a.has_replicates and b.has_replicates):
-        common = sorted(a.per_seed.keys() & b.per_seed.keys())
-        t = seeds_interval([a.per_seed[s] - b.per_seed[s] for s in common])
-        shift = a.estimate - b.estimate - t.estimate
-        return Interval(a.estimate - b.estimate, t.low + shift, t.high + shift, t.method)
-    paired = a.pairing == b.pairing and not (a.draws_overlap or b.draws_overlap)
-    wa, wb = a._weights(), b._weights()
-    variance = 0.0
-    for s in a.left_out.keys() | b.left_out.keys():
-        if paired and s in a.left_out and s in b.left_out:
-            variance += jk_variance(wa * a.left_out[s] - wb * b.left_out[s])
-    unpaired_a = [s for s in a.left_out if not (paired and s in b.left_out)]
-    unpaired_b = [s for s in b.left_out if not (paired and s in a.left_out)]
-    for m, seeds in ((a, unpaired_a), (b, unpaired_b)):
-        if m.draws_overlap:
-            variance += m._sample_variance()
-        else:
-            variance += sum(m._weights() ** 2 * jk_variance(m.left_out[s]) for s in seeds)
-    same_reference = a.pairing.split("|")[-1] == b.pairing.split("|")[-1] and len(a.reference) == len(b.reference)
-    variance += (jk_variance(a.reference - b.reference) if same_reference
-                 else jk_variance(a.reference) + jk_variance(b.reference))
-    return normal_interval(a.estimate - b.estimate, variance)
+    """The interval of a - b. Measured from the same noise (same pairing, common seeds): seed by seed and
+    split by split, so what the two share cancels; otherwise the two sets' variances add up, and only the
+    reference splits pair (when both used the same reference)."""
+    common = sorted(a.per_seed.keys() & b.per_seed.keys())
+    if a.pairing == b.pairing and a._independent_seeds() and b._independent_seeds() and len(common) >= 2:
+        d = np.asarray([a.per_seed[s] - b.per_seed[s] for s in common])
+        halves = np.mean([a.reference_halves[s] - b.reference_halves[s] for s in common], axis=0)
+        parts = [(float(d.var(ddof=1)) / len(common), len(common) - 1), split_variance(halves)]
+        return combined_interval(float(d.mean()), parts, "seeds+splits")
+    parts = [a.sample_part(), b.sample_part()]
+    same_reference = a.pairing.split("|")[-1] == b.pairing.split("|")[-1]
+    if same_reference:
+        halves = (np.mean([a.reference_halves[s] for s in a.seeds], axis=0)
+                  - np.mean([b.reference_halves[s] for s in b.seeds], axis=0))
+        parts.append(split_variance(halves))
+    else:
+        parts += [a.reference_part(), b.reference_part()]
+    return combined_interval(a.estimate - b.estimate, parts, "seeds+splits")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Leave-one-out statistics of one set of samples against the reference
+# The measures of one set of features against a reference set
 # ---------------------------------------------------------------------------------------------------------
-def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (ddof = 1), as torch-fidelity's FID statistics."""
-    return x.mean(0), np.cov(x, rowvar=False)
-
-
-def left_out_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The mean and covariance of x with each row left out in turn (rank-one downdates): n x D, n x D x D.
-
-    With S = (n - 1) cov and d = x_i - mean: S without row i is S - n / (n - 1) d d^T, over n - 2."""
-    n = len(x)
-    mu, cov = moments(x)
-    d = x - mu
-    mu_out = (n * mu - x) / (n - 1)
-    cov_out = ((n - 1) * cov - (n / (n - 1)) * d[:, :, None] * d[:, None, :]) / (n - 2)
-    return mu_out, cov_out
-
-
-def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
-    values, vectors = np.linalg.eigh(cov)
-    return (vectors * np.sqrt(np.clip(values, 0, None))[..., None, :]) @ np.swapaxes(vectors, -1, -2)
-
-
-def frechet(mu_x, cov_x, mu_y, cov_y, cov_y_sqrt) -> np.ndarray:
-    """FID: |mu_x - mu_y|^2 + tr(S_x) + tr(S_y) - 2 tr sqrt(S_x S_y), broadcast over leading axes.
-
-    tr sqrt(S_x S_y) = tr sqrt(S_y^1/2 S_x S_y^1/2), whose argument is symmetric: batched `eigvalsh`."""
-    inner = cov_y_sqrt @ cov_x @ cov_y_sqrt
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(inner), 0, None)).sum(axis=-1)
-    diff = mu_x - mu_y
-    return ((diff * diff).sum(-1) + np.trace(cov_x, axis1=-2, axis2=-1) + np.trace(cov_y, axis1=-2, axis2=-1)
-            - 2 * tr_covmean)
-
-
 def poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """KID's kernel, torch-fidelity's default: (x . y / D + 1)^3."""
     return (x @ y.T / x.shape[1] + 1.0) ** 3
@@ -227,121 +194,120 @@ def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0, None))
 
 
-def coverage(points: np.ndarray, centres: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Whether each point lies in the k-NN manifold of `centres` (some centre's ball, of radius the distance
-    to its k-th nearest other centre): as measured, and with each centre left out in turn (n_centres x
-    n_points). Leaving centre c out removes its ball and widens the balls of the centres that had c among
-    their k nearest (their radius becomes the distance to their (k+1)-th)."""
-    d_cc = _distances(centres, centres)
-    order = np.argsort(d_cc, axis=1)  # column 0 is the centre itself
-    radius = np.take_along_axis(d_cc, order[:, k : k + 1], axis=1)[:, 0]
-    wider = np.take_along_axis(d_cc, order[:, k + 1 : k + 2], axis=1)[:, 0]
-    d_pc = _distances(points, centres)
-    inside = d_pc <= radius[None, :]
-    inside_wider = d_pc <= wider[None, :]
-    measured = inside.any(axis=1)
-    left_out = np.empty((len(centres), len(points)), dtype=bool)
-    for c in range(len(centres)):
-        widened = np.flatnonzero((order[:, 1 : k + 1] == c).any(axis=1))
-        balls = inside.copy()
-        balls[:, widened] = inside_wider[:, widened]
-        balls[:, c] = False
-        left_out[c] = balls.any(axis=1)
-    return measured, left_out
+def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (ddof = 1), FID's statistics."""
+    mu = x.mean(0)
+    c = x - mu
+    return mu, c.T @ c / (len(x) - 1)
 
 
-class Reference:
-    """The FID reference's features with everything its leave-one-out replicates need, computed once."""
-
-    def __init__(self, features: np.ndarray, *, neighbourhood: int, content_hash: str = ""):
-        self.features = np.asarray(features, np.float64)
-        self.k, self.content_hash = neighbourhood, content_hash
-        m, d = self.features.shape
-        if m < neighbourhood + 3:
-            raise ValueError(f"the reference has {m} images; precision/recall with k = {neighbourhood} need "
-                             f"at least {neighbourhood + 3}")
-        self.jackknife = jackknife_fits(1, m, d)  # else every set is measured the large way
-        if not self.jackknife:
-            return
-        self.mu, self.cov = moments(self.features)
-        self.cov_sqrt = _psd_sqrt(self.cov)
-        self.mu_out, self.cov_out = left_out_moments(self.features)
-        self.cov_out_sqrt = _psd_sqrt(self.cov_out)
-        self.kernel = poly_kernel(self.features, self.features)
+def frechet(x: np.ndarray | tuple, y: np.ndarray | tuple) -> float:
+    """FID as torch-fidelity computes it: |mu_x - mu_y|^2 + tr(S_x) + tr(S_y) - 2 tr sqrt(S_x S_y), from two
+    feature sets or their `moments`."""
+    (mu_x, s_x), (mu_y, s_y) = (v if isinstance(v, tuple) else moments(v) for v in (x, y))
+    tr_covmean = np.sum(np.sqrt(np.linalg.eigvals(s_x @ s_y).astype(np.complex128)).real)
+    return float(((mu_x - mu_y) ** 2).sum() + np.trace(s_x) + np.trace(s_y) - 2 * tr_covmean)
 
 
-def _kid_parts(k: np.ndarray) -> tuple[float, np.ndarray]:
-    """Off-diagonal sum of a square kernel matrix, and that sum with each row/column left out."""
-    off_rows = k.sum(1) - np.diag(k)
-    total = float(off_rows.sum())
-    return total, total - 2 * off_rows
+# Above this many entries in a kernel or distance matrix, a set is measured by torch-fidelity's batched functions.
+# Precision and recall use k-NN balls (Kynkäänniemi et al.) and KID the unbiased MMD^2 over all of both sets;
+# the k-th neighbour is column k of a partitioned distance row (column 0 is the point itself).
+SMALL_SET_MAX = 2.5e7
 
 
-Statistics = dict[str, tuple[float, np.ndarray, np.ndarray]]
-
-
-def seed_statistics(x: np.ndarray, correct: np.ndarray, ref: Reference) -> Statistics:
-    """Each measure of one seed's samples: (value, N values with sample i left out, M values with reference
-    image j left out)."""
-    x = np.asarray(x, np.float64)
-    correct = np.asarray(correct, np.float64)
-    n, m = len(x), len(ref.features)
-    if n < ref.k + 3:
-        raise ValueError(f"{n} samples per seed; precision/recall with k = {ref.k} need at least {ref.k + 3}")
-    mu, cov = moments(x)
-    mu_out, cov_out = left_out_moments(x)
-    fid = float(frechet(mu, cov, ref.mu, ref.cov, ref.cov_sqrt))
-    fid_x = frechet(mu_out, cov_out, ref.mu, ref.cov, ref.cov_sqrt)
-    fid_y = frechet(mu, cov, ref.mu_out, ref.cov_out, ref.cov_out_sqrt)
-
-    xx, xx_out = _kid_parts(poly_kernel(x, x))
-    yy, yy_out = _kid_parts(ref.kernel)
-    k_xy = poly_kernel(x, ref.features)
-    xy, xy_rows, xy_cols = float(k_xy.sum()), k_xy.sum(1), k_xy.sum(0)
-    kid = xx / (n * (n - 1)) + yy / (m * (m - 1)) - 2 * xy / (n * m)
-    kid_x = xx_out / ((n - 1) * (n - 2)) + yy / (m * (m - 1)) - 2 * (xy - xy_rows) / ((n - 1) * m)
-    kid_y = xx / (n * (n - 1)) + yy_out / ((m - 1) * (m - 2)) - 2 * (xy - xy_cols) / (n * (m - 1))
-
-    precision_in, precision_y = coverage(x, ref.features, ref.k)  # samples in the reference's manifold
-    recall_in, recall_x = coverage(ref.features, x, ref.k)  # reference images in the samples' manifold
-    precision = float(precision_in.mean())
-    recall = float(recall_in.mean())
-    accuracy = float(correct.mean())
-    return {
-        "fid": (fid, fid_x, fid_y),
-        "kid": (float(kid), kid_x, kid_y),
-        "precision": (precision, (precision_in.sum() - precision_in) / (n - 1), precision_y.mean(1)),
-        "recall": (recall, recall_x.mean(1), (recall_in.sum() - recall_in) / (m - 1)),
-        "class_accuracy": (accuracy, (correct.sum() - correct) / (n - 1), np.full(m, accuracy)),
-    }
-
-
-# Above this many floats in the leave-one-out covariances (n x D x D), or this many distances (n x m), a set is
-# measured by torch-fidelity's own functions instead, and its interval comes from the spread over seeds.
-JACKKNIFE_MAX_FLOATS = 5e7
-
-
-def jackknife_fits(n: int, m: int, d: int) -> bool:
-    return max(n, m) * d * d <= JACKKNIFE_MAX_FLOATS and n * m * max(n, m) <= 20 * JACKKNIFE_MAX_FLOATS
-
-
-def large_set_values(x: np.ndarray, ref: Reference) -> dict[str, float]:
-    """FID, KID and precision/recall of a set too large to leave out one by one, by torch-fidelity's metric
-    functions (KID over 100 subsets of min(n, m, 1000); the recorded protocol says so)."""
+def large_set_values(x: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
+    """FID, KID and precision/recall of a large set by torch-fidelity's metric functions (KID over 100 subsets
+    of min(n, m, 1000))."""
     import torch
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    tx, ty = torch.from_numpy(np.asarray(x, np.float64)), torch.from_numpy(ref.features)
+    tx, ty = torch.from_numpy(np.asarray(x, np.float64)), torch.from_numpy(np.asarray(y, np.float64))
     fid = fid_statistics_to_metric(fid_features_to_statistics(tx), fid_features_to_statistics(ty), False)
-    kid = kid_features_to_metric(tx, ty, kid_subsets=100, kid_subset_size=min(len(x), len(ref.features), 1000),
-                                 verbose=False, rng_seed=0, kid_kernel="poly", kid_kernel_poly_degree=3,
-                                 kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
-    prc = prc_features_to_metric(tx, ty, prc_neighborhood=ref.k, prc_batch_size=10000, save_cpu_ram=True,
+    kid_ = kid_features_to_metric(tx, ty, kid_subsets=100, kid_subset_size=min(len(x), len(y), 1000),
+                                  verbose=False, rng_seed=0, kid_kernel="poly", kid_kernel_poly_degree=3,
+                                  kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
+    prc = prc_features_to_metric(tx, ty, prc_neighborhood=k, prc_batch_size=10000, save_cpu_ram=True,
                                  verbose=False)
-    return {"fid": float(fid["frechet_inception_distance"]), "kid": float(kid["kernel_inception_distance_mean"]),
+    return {"fid": float(fid["frechet_inception_distance"]), "kid": float(kid_["kernel_inception_distance_mean"]),
             "precision": float(prc["precision"]), "recall": float(prc["recall"])}
+
+
+class _SmallSets:
+    """Every measure of any subset of the samples against any subset of the reference, from the kernel and
+    distance matrices computed once (the split halves are index masks into them)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, k: int):
+        self.x, self.y, self.k = x, y, k
+        self.k_xx, self.k_yy, self.k_xy = poly_kernel(x, x), poly_kernel(y, y), poly_kernel(x, y)
+        self.d_xx, self.d_yy, self.d_xy = _distances(x, x), _distances(y, y), _distances(x, y)
+        self._moments: dict[tuple[int, bytes], tuple] = {}
+
+    def _moments_of(self, side: int, mask: np.ndarray) -> tuple:
+        key = (side, np.packbits(mask).tobytes())
+        if key not in self._moments:  # each half is met twice (against the whole other set, and itself)
+            self._moments[key] = moments((self.x, self.y)[side][mask])
+        return self._moments[key]
+
+    @staticmethod
+    def _off_diagonal(k: np.ndarray, w: np.ndarray) -> float:
+        return float(w @ k @ w - w @ np.diag(k))
+
+    def values(self, mx: np.ndarray, my: np.ndarray) -> dict[str, float]:
+        wx, wy = mx.astype(np.float64), my.astype(np.float64)
+        n, m = wx.sum(), wy.sum()
+        kid_ = (self._off_diagonal(self.k_xx, wx) / (n * (n - 1)) + self._off_diagonal(self.k_yy, wy) / (m * (m - 1))
+                - 2 * float(wx @ self.k_xy @ wy) / (n * m))
+        d_xy = self.d_xy[np.ix_(mx, my)]
+        r_y = np.partition(self.d_yy[np.ix_(my, my)], self.k, axis=1)[:, self.k]
+        r_x = np.partition(self.d_xx[np.ix_(mx, mx)], self.k, axis=1)[:, self.k]
+        return {"fid": frechet(self._moments_of(0, mx), self._moments_of(1, my)), "kid": kid_,
+                "precision": float((d_xy <= r_y[None, :]).any(axis=1).mean()),
+                "recall": float((d_xy.T <= r_x[None, :]).any(axis=1).mean())}
+
+
+def set_values(x: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
+    """FID, KID, precision and recall of features `x` against `y`, with k-NN balls of k neighbours."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return _values_function(x, y, k)(np.ones(len(x), bool), np.ones(len(y), bool))
+
+
+def _values_function(x: np.ndarray, y: np.ndarray, k: int):
+    """values(mask_x, mask_y) of x against y: from precomputed matrices when they fit, else torch-fidelity's."""
+    if max(len(x), len(y)) ** 2 <= SMALL_SET_MAX:
+        return _SmallSets(x, y, k).values
+    return lambda mx, my: large_set_values(x[mx], y[my], k)
+
+
+def stratified_halves(labels: np.ndarray, splits: int, key: int) -> list[np.ndarray]:
+    """`splits` random halvings of range(len(labels)), each class split evenly: boolean masks of half 1."""
+    rng = np.random.default_rng([key, len(labels), splits])
+    masks = []
+    for _ in range(splits):
+        mask = np.zeros(len(labels), dtype=bool)
+        for c in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            mask[members[: len(members) // 2]] = True
+        masks.append(mask)
+    return masks
+
+
+class Reference:
+    """The FID reference: its features and the fixed split halves every set is measured against."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray | None = None, *, neighbourhood: int,
+                 content_hash: str = "", splits: int = DEFAULT_SPLITS):
+        self.features = np.asarray(features, np.float64)
+        self.k, self.content_hash = neighbourhood, content_hash
+        m = len(self.features)
+        if m // 2 < neighbourhood + 2:
+            raise ValueError(f"the reference has {m} images; precision/recall with k = {neighbourhood} on its "
+                             f"halves need at least {2 * (neighbourhood + 2)}")
+        labels = np.zeros(m, np.int64) if labels is None else np.asarray(labels)
+        # Keyed by the reference alone, so every set measured against it meets the same halves.
+        key = int.from_bytes(content_hash.encode()[:8].ljust(8, b"\0"), "little") if content_hash else 0
+        self.halves = stratified_halves(labels, splits, key)
 
 
 @dataclass
@@ -351,25 +317,45 @@ class SeedSet:
     seed: int
     features: np.ndarray
     correct: np.ndarray = field(repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)  # to split the samples evenly by class
+
+
+def seed_values(s: SeedSet, ref: Reference) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One seed's measures: (values, K x 2 values against the reference halves, K x 2 of its own halves)."""
+    x = np.asarray(s.features, np.float64)
+    correct = np.asarray(s.correct, np.float64)
+    if len(x) // 2 < ref.k + 2:
+        raise ValueError(f"{len(x)} samples per seed; precision/recall with k = {ref.k} on halves need at least "
+                         f"{2 * (ref.k + 2)}")
+    values_of = _values_function(x, ref.features, ref.k)
+    all_x, all_y = np.ones(len(x), bool), np.ones(len(ref.features), bool)
+    values = values_of(all_x, all_y) | {"class_accuracy": float(correct.mean())}
+    against = {name: np.zeros((len(ref.halves), 2)) for name in MEASURES}
+    own = {name: np.zeros((len(ref.halves), 2)) for name in MEASURES}
+    labels = np.zeros(len(x), np.int64) if s.labels is None else s.labels
+    own_halves = stratified_halves(labels, len(ref.halves), s.seed)
+    for k, (mask, own_mask) in enumerate(zip(ref.halves, own_halves, strict=True)):
+        for j, (my, mx) in enumerate(((mask, own_mask), (~mask, ~own_mask))):
+            a = values_of(all_x, my)
+            o = values_of(mx, all_y)
+            for name in MEASURES[:4]:
+                against[name][k, j], own[name][k, j] = a[name], o[name]
+            against["class_accuracy"][k, j] = values["class_accuracy"]
+            own["class_accuracy"][k, j] = float(correct[mx].mean())
+    return values, against, own
 
 
 def measure_sets(sets: Sequence[SeedSet], ref: Reference, *, draws_overlap: bool = False) -> dict[str, Measured]:
-    """Every measure of a set over its seeds (or the floor over its draws), with its replicates; a set too
-    large for the jackknife gets per-seed values only (its intervals then come from the seeds)."""
+    """Every measure of a set over its seeds (or the floor over its draws), with what its interval needs."""
+    from threadpoolctl import threadpool_limits
+
     sizes = {len(s.features) for s in sets}
     pairing = f"n={','.join(map(str, sorted(sizes)))}|{ref.content_hash}"
-    if not ref.jackknife or not jackknife_fits(max(sizes), len(ref.features), ref.features.shape[1]):
-        values = {s.seed: large_set_values(s.features, ref) | {"class_accuracy": float(np.mean(s.correct))}
-                  for s in sets}
-        return {name: Measured(float(np.mean([v[name] for v in values.values()])),
-                               {seed: v[name] for seed, v in values.items()}, {}, np.zeros(0), pairing,
-                               draws_overlap, name) for name in MEASURES}
-    per_seed = {s.seed: seed_statistics(s.features, s.correct, ref) for s in sets}
-    out = {}
-    for name in MEASURES:
-        values = {seed: stats[name][0] for seed, stats in per_seed.items()}
-        reference = np.mean([stats[name][2] for stats in per_seed.values()], axis=0)
-        out[name] = Measured(float(np.mean(list(values.values()))), values,
-                             {seed: stats[name][1] for seed, stats in per_seed.items()}, reference, pairing,
-                             draws_overlap, name)
-    return out
+    # Hundreds of small matrix products: one BLAS thread is 10x faster than two that spin against each other.
+    with threadpool_limits(limits=1, user_api="blas"):
+        per_seed = {s.seed: seed_values(s, ref) for s in sets}
+    return {name: Measured(float(np.mean([v[0][name] for v in per_seed.values()])),
+                           {seed: v[0][name] for seed, v in per_seed.items()},
+                           {seed: v[1][name] for seed, v in per_seed.items()},
+                           {seed: v[2][name] for seed, v in per_seed.items()}, pairing, draws_overlap, name)
+            for name in MEASURES}

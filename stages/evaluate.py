@@ -7,9 +7,9 @@ FID, KID, precision and recall, class consistency by the `fid_features` classifi
 along the model's own Euler path. Points cheap enough (NFE at most `eval.extra_seeds_max_nfe`) are also
 measured from `eval.extra_seeds`, which narrows their intervals at little cost.
 
-Each number has a 95% interval from the delete-one jackknife over samples and reference images
-(`reflow.intervals`); its leave-one-out replicates are kept in `replicates.npz`, so the report and
-`reflow compare` pair any two models measured from the same noise. The protocol is stored with the numbers
+Each number has a 95% interval from its spread over the seeds and over split halves of the reference
+(`reflow.intervals`); the per-seed and per-half values are kept in `replicates.npz`, so the report and
+`reflow compare` pair any two models measured from the same noise, seed by seed and half by half. The protocol is stored with the numbers
 in `results.json`, a picture of the samples (one row per NFE, one column per class) in `grid.png`.
 
 Each (solver, steps, seed) point's features are kept in the scratch area as soon as they are measured, so
@@ -86,7 +86,7 @@ def load_reference(ctx: StageContext, judge: FeatureNet) -> tuple[Reference, dic
     folder = ctx.dep("reference")
     protocol = json.loads((folder / "protocol.json").read_text())
     with np.load(folder / "reference.npz", allow_pickle=False) as arrays:
-        features = arrays["features"]
+        features, labels = arrays["features"], arrays["labels"]
     extractor = protocol["extractor"]
     if extractor["name"] == INCEPTION:
         name, weights = INCEPTION, extractor["path"]
@@ -95,8 +95,8 @@ def load_reference(ctx: StageContext, judge: FeatureNet) -> tuple[Reference, dic
     if protocol["samples_per_seed"] != ctx.params.eval.num_samples:
         raise StageError(f"{folder}: measured for eval.num_samples={protocol['samples_per_seed']}, not "
                          f"{ctx.params.eval.num_samples}; rerun fid_reference (dvc repro does)")
-    ref = Reference(features, neighbourhood=ctx.params.eval.prc_neighborhood,
-                    content_hash=protocol["reference"]["pairing"])
+    ref = Reference(features, labels, neighbourhood=ctx.params.eval.prc_neighborhood,
+                    content_hash=protocol["reference"]["pairing"], splits=ctx.params.eval.reference_splits)
     return ref, protocol, name, weights
 
 
@@ -178,7 +178,7 @@ class Measurement:
                     self.point(z0, solver, steps, seed, done)
                     measured += 1
                 with np.load(done, allow_pickle=False) as point:
-                    sets[(solver, steps)].append(SeedSet(seed, point["features"], point["correct"]))
+                    sets[(solver, steps)].append(SeedSet(seed, point["features"], point["correct"], self.labels))
                     nfe_of.setdefault((solver, steps), float(point["nfe"]))
         bar.close()
         return sets, nfe_of, straightness, measured

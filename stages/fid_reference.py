@@ -5,8 +5,8 @@ is given) are stored with the protocol every `evaluate@<model>` measures on: whi
 the four splits of `prepare` with their sizes and content hashes, the sample count. The floor is what real
 images score on that protocol: `eval.floor_draws` class-stratified draws of `eval.num_samples` images from
 the `floor` split, which no generator, extractor or reference used, each measured like one seed of a model.
-Its interval treats the draws as overlapping (they share images when the split is small), so it does not
-shrink with their number (docs/evaluation.md).
+The draws share images when the split is small, so the floor's interval comes from split halves of each
+draw, and does not shrink with their number (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def run(ctx: StageContext) -> dict:
     # Stored as float32 (what evaluate@ reads back), so the floor is measured on exactly those features.
     reference_features = fid_features(reference_set.load("images"), extractor=extractor["name"],
                                       inception_weights=weights).astype(np.float32)
-    reference = Reference(reference_features,
+    reference = Reference(reference_features, reference_set.load("labels"), splits=p.reference_splits,
                           neighbourhood=p.prc_neighborhood,
                           content_hash=f"{reference_set.attrs['content_hash'][:16]}-{extractor['sha256'][:16]}")
 
@@ -72,7 +72,7 @@ def run(ctx: StageContext) -> dict:
         images = floor_images[idx]
         correct = classify(judge, images).numpy() == floor_labels[idx]
         draws.append(SeedSet(d, fid_features(images, extractor=extractor["name"], inception_weights=weights),
-                             correct))
+                             correct, floor_labels[idx]))
     floor = measure_sets(draws, reference, draws_overlap=True)
 
     protocol = {
@@ -84,8 +84,8 @@ def run(ctx: StageContext) -> dict:
         "floor": {"split": "floor", "pool": len(floor_labels), "images_per_draw": n, "draws": p.floor_draws,
                   "stratified": "each class in proportion to its share of the floor split",
                   "comparable": n == p.num_samples},
-        "intervals": "95%: estimate ± 1.96 standard errors from the delete-one jackknife over samples and "
-                     "reference images (reflow/intervals.py, docs/evaluation.md)",
+        "intervals": "95%: estimate ± t · sqrt(spread over seeds / S + split-half variance of the reference), "
+                     f"{p.reference_splits} class-stratified splits (reflow/intervals.py, docs/evaluation.md)",
         "kid": "unbiased MMD^2 over all samples and all reference images, cubic polynomial kernel",
         "prc_neighborhood": p.prc_neighborhood,
     }

@@ -329,6 +329,7 @@ class EvalParams(Strict):
         description="velocity models (heun: 2n - 1 evaluations; rk45: its own); the DiT teacher samples by DDIM")
     rk45_tolerance: PositiveFloat = Field(1e-3, description="rtol = atol of the rk45 solver")
     floor_draws: int = Field(5, ge=2, description="class-stratified draws of num_samples real images for the floor")
+    reference_splits: int = Field(16, ge=2, description="split halves of the reference behind each interval")
     guidance_scale: float | None = Field(
         None, ge=0.0, description="null: the teacher as it made its pairs, velocity models unguided")
     straightness_steps: PositiveInt = 16

@@ -54,8 +54,8 @@ def protocol_line(evaluations: list) -> str:
              if protocol.get("extra_seeds") else "")
     return (f"{protocol['samples_per_seed']} samples per seed (seeds {protocol['seeds']}{extra}) against "
             f"{protocol['reference']['images']} held-out reference images; extractor {extractor['name']} "
-            f"{extractor['sha256'][:12]} ({extractor['standard']}); ± is the 95% interval's half-width (delete-one "
-            "jackknife over samples and reference images); NFE counts guided calls twice")
+            f"{extractor['sha256'][:12]} ({extractor['standard']}); ± is the 95% interval's half-width (over seeds and "
+            "split halves of the reference); NFE counts guided calls twice")
 
 
 def print_results(root: Path, measure: str = "fid") -> int:

@@ -9,8 +9,9 @@ measured from `eval.extra_seeds`, which narrows their intervals at little cost.
 
 Each number has a 95% interval from its spread over the seeds and over split halves of the reference
 (`reflow.intervals`); the per-seed and per-half values are kept in `replicates.npz`, so the report and
-`reflow compare` pair any two models measured from the same noise, seed by seed and half by half. The protocol is stored with the numbers
-in `results.json`, a picture of the samples (one row per NFE, one column per class) in `grid.png`.
+`reflow compare` pair any two models measured from the same noise, seed by seed and half by half. The
+protocol is stored with the numbers in `results.json`, a picture of the samples (one row per NFE, one
+column per class) in `grid.png`.
 
 Each (solver, steps, seed) point's features are kept in the scratch area as soon as they are measured, so
 a killed run resumes at the first point it had not finished.

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from reflow.intervals import t_interval
 from reflow.samplers import Field, SampleResult, euler, straightness
 
 Sampler = Callable[[Field, torch.Tensor, int], SampleResult]  # (field, z0, nfe budget) -> sample
@@ -22,21 +23,26 @@ def flow_errors(
     field: Field, z0: torch.Tensor, z1_teacher: torch.Tensor, *, steps: Sequence[int] = (1, 2, 4),
     straightness_steps: int = 16, batch_size: int = 256, sampler: Sampler = euler,
 ) -> dict[str, float]:
-    """{'error_<n>_step': mean squared error per dimension, 'nfe_<n>_step': evaluations, 'straightness'}.
+    """{'error_<n>_step': mean squared error per dimension, 'nfe_<n>_step': evaluations, 'straightness'},
+    each mean with its 95% interval over the pairs (`<name>_low`, `<name>_high`; the pairs are independent).
 
     `sampler(field, z0, n)` makes the n-step sample: Euler with n equal steps unless the model has its
     own schedule (SeqRF: one or more steps per segment).
     """
     out: dict[str, float] = {}
+
+    def with_interval(name: str, per_sample: torch.Tensor) -> None:
+        interval = t_interval(per_sample.double().numpy(), "pairs")
+        out.update({name: interval.estimate, f"{name}_low": interval.low, f"{name}_high": interval.high})
+
     for n in steps:
-        sq, nfe = 0.0, 0
+        errors, nfe = [], 0
         for i in range(0, len(z0), batch_size):
             res = sampler(field, z0[i : i + batch_size], n)
-            sq += (res.x.float() - z1_teacher[i : i + batch_size].float()).pow(2).sum().item()
+            errors.append((res.x.float() - z1_teacher[i : i + batch_size].float()).pow(2).flatten(1).mean(1))
             nfe = res.nfe  # per sample: the same for every batch
-        out[f"error_{n}_step"] = sq / z1_teacher.numel()
+        with_interval(f"error_{n}_step", torch.cat(errors))
         out[f"nfe_{n}_step"] = float(nfe)
-    s = [straightness(field, z0[i : i + batch_size], steps=straightness_steps)
-         for i in range(0, len(z0), batch_size)]
-    out["straightness"] = torch.cat(s).mean().item()
+    with_interval("straightness", torch.cat([straightness(field, z0[i : i + batch_size], steps=straightness_steps)
+                                             for i in range(0, len(z0), batch_size)]))
     return out

@@ -23,7 +23,7 @@ from storage.tracking import path_tag, tag_path
 
 pytestmark = pytest.mark.e2e
 # Stages with an MLflow run; `validate` runs before them.
-STAGES = ["prepare", "fid_features", "fid_reference", "vae", "extract", "dit", "teacher_pairs", "evaluate@dit", "rf1",
+STAGES = ["prepare", "fid_features", "vae", "extract", "fid_reference", "dit", "teacher_pairs", "evaluate@dit", "rf1",
           "evaluate@rf1", "reflow_pairs@2", "seqrf_pairs", "rf@2", "seqrf", "distill", "evaluate@rf2", "evaluate@seqrf",
           "evaluate@distill", "report"]
 EVALUATED = {"dit": "dit", "rf1": "rf1", "rf2": "rf@2", "seqrf": "seqrf", "distill": "distill"}
@@ -99,7 +99,7 @@ def test_every_model_is_measured_on_one_protocol(repo):
             assert [s["seed"] for s in point["per_seed"]] == ([0, 1, 2] if cheap else [0, 1])
             assert point["fid_std"] >= 0
             for name in ("fid", "kid", "precision", "recall", "class_accuracy"):
-                assert point[f"{name}_low"] < point[name] < point[f"{name}_high"] or point[name] in (0.0, 1.0), name
+                assert point[f"{name}_low"] <= point[name] <= point[f"{name}_high"], name
             # NFE as spent: the teacher is guided (2 evaluations a step), velocity models are not; RK45 picks its own
             if point["solver"] == "rk45":
                 assert point["steps"] == 0 and point["nfe"] >= 6 and key not in ("dit", "seqrf")

@@ -18,7 +18,7 @@ import numpy as np
 
 from reflow.data import stratified_sample
 from reflow.fid import INCEPTION, FeatureNet, classify, fid_features, register_classifier
-from reflow.intervals import MEASURES, Reference, SeedSet, measure_sets
+from reflow.intervals import MEASURES, SMALL_SET_MAX, Reference, SeedSet, measure_sets
 from stages.common import StageContext, StageError, StageSpec, stage_main
 from storage.atomic import atomic_dir, atomic_write_json, atomic_write_npz
 from storage.datasets import open_dataset
@@ -86,7 +86,10 @@ def run(ctx: StageContext) -> dict:
                   "comparable": n == p.num_samples},
         "intervals": "95%: estimate ± t · sqrt(spread over seeds / S + split-half variance of the reference), "
                      f"{p.reference_splits} class-stratified splits (reflow/intervals.py, docs/evaluation.md)",
-        "kid": "unbiased MMD^2 over all samples and all reference images, cubic polynomial kernel",
+        "kid": ("unbiased MMD^2 over all samples and all reference images, cubic polynomial kernel"
+                if max(p.num_samples, len(reference.features)) ** 2 <= SMALL_SET_MAX else
+                "torch-fidelity's KID: 100 subsets of "
+                f"{min(p.num_samples, len(reference.features), 1000)} samples and reference images"),
         "prc_neighborhood": p.prc_neighborhood,
     }
     summary = {name: {**m.interval().as_dict(), "per_draw": list(m.per_seed.values())} for name, m in floor.items()}

@@ -1,9 +1,9 @@
 """95% intervals for FID, KID, precision, recall and class accuracy, and for differences between them.
 
 A measure has two sources of sampling noise: the generated samples (N per seed of `eval.seeds`) and the M
-reference images. Both are estimated from independent replications, never by recentring on the observed set
-(docs/evaluation.md has why: the jackknife and the bootstrap both overstated FID's spread 2-3x on the demo's
-features, whose covariance is nearly singular):
+reference images. Both are estimated from independent replications, never by resampling around the observed
+set (docs/evaluation.md has why: a delete-one jackknife overstated FID's spread 2-3x on the demo's features,
+whose covariance is nearly singular, and a bootstrap shares the cause):
 
 - samples: the seeds are independent draws of N samples, so the spread of the per-seed values (ddof = 1)
   measures their part exactly: Var_samples = s^2 / S;

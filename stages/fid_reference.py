@@ -55,6 +55,11 @@ def run(ctx: StageContext) -> dict:
     extractor = extractor_setup(ctx, judge)
     weights = extractor.get("path") if extractor["name"] == INCEPTION else None
     splits = json.loads((ctx.dep("data") / "splits.json").read_text())["splits"]
+    need = 2 * (p.prc_neighborhood + 2)  # precision/recall on half of a set need k + 2 points
+    for split, key in (("reference", "reference_fraction"), ("floor", "floor_fraction")):
+        if splits[split]["rows"] < need:
+            raise StageError(f"the {split} split has {splits[split]['rows']} images; measuring needs at least "
+                             f"{need} (eval.prc_neighborhood={p.prc_neighborhood}): raise data.{key}")
     reference_set = open_dataset(ctx.dep("data") / "reference.zarr", kind="images")
     # Stored as float32 (what evaluate@ reads back), so the floor is measured on exactly those features.
     reference_features = fid_features(reference_set.load("images"), extractor=extractor["name"],

@@ -346,10 +346,10 @@ class EvalParams(Strict):
         if set(self.seeds) & set(self.extra_seeds) or len(set(self.extra_seeds)) != len(self.extra_seeds):
             raise ValueError(f"eval.extra_seeds {self.extra_seeds} must be distinct and none of eval.seeds "
                              f"{self.seeds}: a seed is one draw of the noise")
-        if self.num_samples < self.prc_neighborhood + 3:
+        if self.num_samples < 2 * (self.prc_neighborhood + 2):
             raise ValueError(f"eval.num_samples={self.num_samples} is too few for precision/recall with "
-                             f"eval.prc_neighborhood={self.prc_neighborhood}: expected at least "
-                             f"{self.prc_neighborhood + 3}")
+                             f"eval.prc_neighborhood={self.prc_neighborhood} on half of the samples: expected at "
+                             f"least {2 * (self.prc_neighborhood + 2)}")
         return self
 
 

@@ -48,8 +48,10 @@ class Generator:
         """Why `solver` with `steps` steps is not a way to sample this model, or None when it is."""
         if solver not in self.solvers:
             return f"a {self.kind} model samples with {' or '.join(self.solvers)}, not {solver!r}"
+        if self.boundaries and solver != "euler":
+            return "a segmented model samples with Euler inside each segment"
         if solver == "rk45":
-            return "a segmented model samples with Euler inside each segment" if self.boundaries else None
+            return None
         if steps < 1:
             return f"steps must be >= 1, got {steps}"
         k = len(self.boundaries) - 1 if self.boundaries else 1

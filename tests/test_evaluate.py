@@ -63,6 +63,7 @@ def test_rk45_is_one_point_at_the_nfe_it_spends_and_segmented_models_refuse_it()
     assert res.nfe >= 6 and torch.allclose(res.x, torch.zeros_like(res.x), atol=1e-3)  # dopri5: 6 a step
     plan, skipped = plan_points(velocity_generator(boundaries=[0.0, 0.5, 1.0]), p)
     assert ("rk45", 0) not in plan and "Euler inside each segment" in skipped[-1]["reason"]
+    assert "Euler inside each segment" in velocity_generator(boundaries=[0.0, 0.5, 1.0]).unsupported("heun", 4)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 A reader (or a later DVC stage) must never see a half-written file or directory: everything is
 written under a temporary name in the same directory (so the final rename stays on one
-filesystem), flushed to disk, and then renamed into place.
+filesystem), flushed to disk, and then renamed into place. This is the project's one implementation of
+that (checkpoints and the sharded dataset writer use its pieces).
 """
 
 from __future__ import annotations
@@ -12,20 +13,23 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from storage.faults import crash_point
 
 __all__ = [
     "atomic_dir",
+    "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "fsync_dir",
+    "fsync_file",
     "fsync_tree",
+    "temp_sibling",
 ]
 
 
@@ -38,39 +42,57 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str | Path) -> None:
+    """fsync one file that is already written (and closed) so that its data survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(root: str | Path) -> None:
     """fsync every file and directory under ``root`` (files first, then their directories)."""
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(dirpath, name))
         fsync_dir(dirpath)
 
 
-def _tmp_name(final: Path, prefix: str) -> Path:
+def temp_sibling(final: Path, prefix: str = ".tmp") -> Path:
+    """A fresh temporary name next to ``final`` (same directory, so a rename stays on one filesystem)."""
     return final.parent / f"{prefix}-{final.name}-{secrets.token_hex(6)}"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, ``os.replace``."""
+def atomic_write(
+    path: str | Path, write: Callable[[BinaryIO], None], *, before_replace: Callable[[Path], None] | None = None
+) -> None:
+    """Write a file atomically: ``write(f)`` fills a temp file in the same dir, which is fsynced and put in
+    place with ``os.replace`` (then the directory is fsynced). ``before_replace(tmp)`` runs on the complete,
+    fsynced temp file just before the rename (to checksum it, say). On any failure the temp file is removed
+    and ``path`` is left as it was."""
     path = Path(path)
-    tmp = _tmp_name(path, ".tmp")
+    tmp = temp_sibling(path)
     # os.open with 0o666 lets the umask decide the mode, as a plain open() would (mkstemp gives 0600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException:
         with suppress(FileNotFoundError):
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -131,7 +153,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(final)
-    tmp = _tmp_name(final, ".tmp")
+    tmp = temp_sibling(final)
     os.mkdir(tmp, 0o777)  # not mkdtemp: its 0700 mode would end up on the final output
     try:
         yield tmp
@@ -141,7 +163,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
     old: Path | None = None
     if final.exists() or final.is_symlink():
-        old = _tmp_name(final, ".old")
+        old = temp_sibling(final, ".old")
         os.rename(final, old)
     crash_point("output_rename")
     os.rename(tmp, final)

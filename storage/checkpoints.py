@@ -10,15 +10,12 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from storage.atomic import atomic_dir, atomic_write_json, atomic_write_text, fsync_dir
+from storage.atomic import atomic_dir, atomic_write, atomic_write_json, atomic_write_text
 from storage.faults import crash_point
 from storage.hashing import file_sha256
 
@@ -76,20 +73,14 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{secrets.token_hex(6)}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+    digest = ""
+
+    def checksum(tmp: Path) -> None:  # the new file is complete and fsynced, not yet renamed
+        nonlocal digest
         digest = file_sha256(tmp)
         crash_point("checkpoint_write")
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+
+    atomic_write(path, lambda f: torch.save(state, f), before_replace=checksum)
     atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
 
 

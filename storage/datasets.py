@@ -35,7 +35,6 @@ import math
 import os
 import posixpath
 import re
-import secrets
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -48,7 +47,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
-from storage.atomic import atomic_dir, atomic_write_json, fsync_dir, fsync_tree
+from storage.atomic import atomic_dir, atomic_write_json, fsync_dir, fsync_file, fsync_tree, temp_sibling
 from storage.faults import crash_point
 
 try:  # advisory lock for progress.json when several processes share one writer; POSIX only
@@ -623,7 +622,7 @@ class ShardedWriter:
     def _create(self) -> None:
         """Build the empty group in a temp sibling, then rename it in (losing a creation race is fine)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.parent / f".tmp-{self.path.name}-{secrets.token_hex(6)}"
+        tmp = temp_sibling(self.path)
         os.mkdir(tmp, 0o777)
         try:
             group = zarr.open_group(store=LocalStore(tmp), mode="w", zarr_format=3)
@@ -766,11 +765,7 @@ class ShardedWriter:
             arr[start:stop] = a
             written += [f for f in files if f.is_file()]
         for f in written:  # data must be durable before progress says it is there
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(f)
         crash_point("shard_written")
         with self._progress_lock():
             done = self._done() | {i}

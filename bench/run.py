@@ -257,7 +257,7 @@ def pair_memory_child(params: Params, n: int, out: Path) -> None:
     does not depend on the step count)."""
     from reflow.samplers import sample_seeds
     from stages.teacher_pairs import generate
-    from storage.datasets import ShardedWriter
+    from storage.sharded import ShardedWriter
 
     teacher = make_dit(params).eval()
     shape = latent_shape(params)

@@ -35,7 +35,7 @@ def cmd_params(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     from storage.atomic import atomic_write_text
-    from storage.lineage import find_repo_root
+    from storage.repo import find_repo_root
 
     path = find_repo_root() / "params.yaml"
     atomic_write_text(path, text)  # a reader (DVC, a running stage) sees the old file or the new, never half
@@ -46,7 +46,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline
     from stages.params import ParamsError, load_params
-    from storage.lineage import find_repo_root
+    from storage.repo import find_repo_root
 
     root = find_repo_root()
     try:
@@ -90,7 +90,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     from stages.params import load_params
-    from storage.lineage import find_repo_root
+    from storage.repo import find_repo_root
     from storage.tracking import tracking_uri
 
     root = find_repo_root()
@@ -126,7 +126,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from stages.report import print_results
-    from storage.lineage import find_repo_root
+    from storage.repo import find_repo_root
 
     if args.runs:
         from flows.lineage import cmd_runs
@@ -140,7 +140,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from stages.generator import GeneratorError, sample_grid
     from stages.params import load_params
     from storage.checkpoints import CheckpointError
-    from storage.lineage import find_repo_root
+    from storage.repo import find_repo_root
 
     root = find_repo_root()
     device = generation_device(load_params(root / "params.yaml").compute)

@@ -106,7 +106,7 @@ def ensure_pool(name: str, root: Path, env: dict[str, str]) -> bool:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from storage.lineage import find_repo_root
+    from storage.repo import find_repo_root
 
     try:
         root = find_repo_root()
@@ -140,7 +140,7 @@ def worker_command(root: Path, pool: str, queues: list[str], name: str | None, r
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from storage.lineage import find_repo_root
+    from storage.repo import find_repo_root
 
     try:
         root = find_repo_root()

@@ -190,7 +190,7 @@ def stale_diff(root: Path) -> str:
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     from storage.atomic import atomic_write_text
-    from storage.lineage import find_repo_root
+    from storage.repo import find_repo_root
 
     root = find_repo_root()
     if args.check:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from storage.lineage import Records, Source, StageRecord
+    from storage.records import Records, Source, StageRecord
 
 SHORT = 8  # hash characters shown; the JSON output has them whole
 
@@ -40,7 +40,7 @@ def _tracking(root: Path):
     from pydantic import ValidationError
 
     from stages.params import ParamsError, TrackingParams, read_params_mapping
-    from storage.lineage import LineageError
+    from storage.records import LineageError
 
     path = root / "params.yaml"
     try:
@@ -82,7 +82,8 @@ def _side(source: dict[str, str]) -> str:
 def _answer(command: str, build: Callable[[Path], dict[str, Any]], show: Callable[[dict[str, Any]], None],
             as_json: bool) -> int:
     """Build a report in the repo root and print it (or its JSON); 2 with the reason when it cannot be built."""
-    from storage.lineage import LineageError, find_repo_root
+    from storage.records import LineageError
+    from storage.repo import find_repo_root
 
     try:
         report = build(find_repo_root())
@@ -110,7 +111,7 @@ def _repo_path(root: Path, target: str) -> str | None:
 
 def resolve_target(root: Path, records: Records, target: str, client) -> tuple[Records, str]:
     """(records, stage) for a stage name, a path inside a stage's output, or an MLflow stage run id."""
-    from storage.lineage import LineageError, mlflow_records
+    from storage.records import LineageError, mlflow_records
 
     if target in records:
         return records, target
@@ -135,7 +136,8 @@ def resolve_target(root: Path, records: Records, target: str, client) -> tuple[R
 
 def lineage_report(root: Path, target: str, at: str = "workspace") -> dict[str, Any]:
     """The ancestry of `target` in the source `at`, each stage with its MLflow run found by output hash."""
-    from storage.lineage import ancestry, attach_runs, load_source
+    from storage.ancestry import ancestry
+    from storage.records import attach_runs, load_source
     from storage.tracking import run_link
 
     tracking = _tracking(root)
@@ -209,7 +211,8 @@ def compare_link(ui_url: str, client, run_ids: list[str]) -> str:
 
 def compare_report(root: Path, a: str, b: str) -> dict[str, Any]:
     """Both sides resolved, their comparison, and for each first divergent stage the MLflow ways in."""
-    from storage.lineage import attach_runs, compare, load_source
+    from storage.ancestry import compare
+    from storage.records import attach_runs, load_source
 
     tracking = _tracking(root)
     client = _client(root, tracking.uri)
@@ -236,7 +239,7 @@ def compare_report(root: Path, a: str, b: str) -> dict[str, Any]:
 def _evaluation(root: Path, source: Source, stage: str):
     """The evaluation `stage` made in `source`, read from DVC's cache by its output hash; None if absent."""
     from reflow.results import evaluation_from_bytes
-    from storage.dvc_cache import output_file
+    from storage.repo import output_file
 
     out_hash = source.records[stage].outs.get(f"artifacts/{stage}", "")
     results, replicates = (output_file(root, out_hash, name) for name in ("results.json", "replicates.npz"))
@@ -340,8 +343,8 @@ def runs_report(root: Path, names: list[str], measure: str = "fid") -> dict[str,
     interval over runs (Student t, ddof = 1), which covers training and sampling variance together."""
     from reflow.intervals import over_runs
     from reflow.results import HEADLINES
-    from storage.lineage import _differing as differing_keys
-    from storage.lineage import load_source
+    from storage.ancestry import _differing as differing_keys
+    from storage.records import load_source
 
     client = _client(root, _tracking(root).uri)
     sources = [load_source(root, name, client) for name in names]

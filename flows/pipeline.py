@@ -72,7 +72,8 @@ def pipeline(root: str = ".", targets: list[str] | None = None,
     import mlflow
 
     from stages.params import load_params
-    from storage import lineage, tracking
+    from storage import tracking
+    from storage.repo import git_state
 
     logger = get_run_logger()
     repo = Path(root).resolve()
@@ -84,7 +85,7 @@ def pipeline(root: str = ".", targets: list[str] | None = None,
 
     pipeline_id = str(flow_run.get_id() or os.urandom(8).hex())
     tracking.configure(params.tracking.uri, params.tracking.experiment, repo)
-    commit, dirty = lineage.git_state(repo)
+    commit, dirty = git_state(repo)
     parent = mlflow.start_run(run_name=f"pipeline {flow_run.get_name() or pipeline_id[:8]}", tags={
         f"{tracking.TAG}pipeline_run_id": pipeline_id, f"{tracking.TAG}kind": "pipeline",
         f"{tracking.TAG}git_commit": commit or "none", f"{tracking.TAG}git_dirty": str(dirty).lower()})

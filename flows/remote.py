@@ -145,7 +145,7 @@ def _print(report: dict[str, Any], root: Path) -> None:
 
 
 def cmd_remote(args: argparse.Namespace) -> int:
-    from storage.lineage import find_repo_root
+    from storage.repo import find_repo_root
 
     level = "local" if args.local else "repo"
     try:

@@ -40,11 +40,11 @@ from reflow.models import ModelLoadError  # noqa: E402
 from reflow.train import NonFiniteLossError, TrainConfig, enable_tf32  # noqa: E402
 from stages.params import Params, ParamsError, ParamsView, TrainParams, load_params  # noqa: E402
 from stages.spec import StageSpec, resolve_path  # noqa: E402
-from storage import lineage, tracking  # noqa: E402
+from storage import repo, tracking  # noqa: E402
 from storage.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from storage.checkpoints import CheckpointError  # noqa: E402
-from storage.datasets import DatasetError  # noqa: E402
 from storage.hashing import params_hash  # noqa: E402
+from storage.layout import DatasetError  # noqa: E402
 from storage.scratch import clear_scratch, scratch_dir  # noqa: E402
 
 
@@ -158,7 +158,7 @@ def make_context(spec: StageSpec, root: Path, params: Params, tracked: bool = Tr
     """Resolve a stage's params view, input hashes and scratch dir in `root`."""
     view = ParamsView(params, spec.params)
     try:
-        inputs = lineage.stage_input_hashes(root, spec.name)
+        inputs = repo.stage_input_hashes(root, spec.name)
     except KeyError:
         inputs = {}  # not declared in this dvc.yaml (a notebook or a test calling run() directly)
     section_values = view.as_dict()
@@ -194,7 +194,7 @@ def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]], *
               f"params.yaml and run `python -m stages.{spec.name.partition('@')[0]}` instead: it launches its "
               "own processes and keeps one MLflow run and one output.", file=sys.stderr)
         return 2
-    root = lineage.find_repo_root()
+    root = repo.find_repo_root()
     try:
         params = load_params(root / "params.yaml")
     except ParamsError as exc:
@@ -204,7 +204,7 @@ def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]], *
     processes = params.compute.num_processes if distributed else 1
     set_threads(ctx.params)
     tracking.configure(params.tracking.uri, params.tracking.experiment, root)
-    commit, dirty = lineage.git_state(root)
+    commit, dirty = repo.git_state(root)
     tags = {"params_hash": ctx.params_hash, "git_commit": commit or "none", "git_dirty": str(dirty).lower(),
             "status": "executed"}
     if processes > 1:
@@ -225,7 +225,7 @@ def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]], *
                 (root / spec.metrics).parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(root / spec.metrics, metrics)
             tracking.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-            outputs = lineage.stage_output_hashes(root, spec.name)
+            outputs = repo.stage_output_hashes(root, spec.name)
             mlflow_tags = {tracking.path_tag("output", path): h for path, h in outputs.items()}
             tracking.set_tags({k.removeprefix(tracking.TAG): v for k, v in mlflow_tags.items()})
     except Exception as exc:
@@ -401,7 +401,7 @@ def _launched_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]
 
     launch_dir = Path(os.environ[ENV_LAUNCH_DIR])
     info = json.loads((launch_dir / CONTEXT_FILE).read_text())
-    root = lineage.find_repo_root()
+    root = repo.find_repo_root()
     params = load_params(root / "params.yaml")
     view = ParamsView(params, spec.params)
     state = PartialState(cpu=not uses_cuda(params.compute.device))

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stages.common import StageContext, generation_autocast
-from storage.datasets import ShardedWriter
+from storage.sharded import ShardedWriter
 
 Schema = dict[str, tuple[tuple[int, ...], str]]
 BatchFn = Callable[[int, int], dict[str, np.ndarray]]

@@ -139,7 +139,8 @@ def lineage_rows(steps) -> list[list[str]]:
 
 
 def model_lineage(root: Path, stage: str, tracked: bool) -> list[list[str]]:
-    from storage.lineage import LineageError, ancestry, attach_runs, workspace_records
+    from storage.ancestry import ancestry
+    from storage.records import LineageError, attach_runs, workspace_records
 
     try:
         records = workspace_records(root)

@@ -13,7 +13,7 @@ import sys
 from stages.params import ParamsError, load_params
 from stages.spec import StageSpec
 from storage.atomic import atomic_dir, atomic_write_json
-from storage.lineage import find_repo_root
+from storage.repo import find_repo_root
 
 SPEC = StageSpec(name="validate", params=(), deps={"params": "params.yaml"}, outs={"ok": "artifacts/validate"},
                  note="first, so a bad params.yaml stops the run before DVC deletes any output")

@@ -139,14 +139,15 @@ def _retry_transient(task, task_run, state) -> bool:
 
 def _record_in_mlflow(stage: str, root: Path, outcome: StageOutcome, tracking_cfg: dict[str, str]) -> str | None:
     """Link to the stage's MLflow run; a stage restored from DVC's run cache ran no code, so record it here."""
-    from storage import lineage, tracking
+    from storage import tracking
+    from storage.records import lock_entries
 
     pipeline_id = tracking_cfg["pipeline_run_id"]
     tracking.configure(tracking_cfg.get("uri") or None, tracking_cfg["experiment"], root)
     if outcome.status == "executed":
         run_id = tracking.find_stage_run(pipeline_id, stage)
     elif outcome.status == "restored_from_run_cache":
-        entry = lineage.lock_entries(root).get(stage, {})
+        entry = lock_entries(root).get(stage, {})
         run_id = tracking.record_driver_run(
             stage, parent_run_id=tracking_cfg["parent_run_id"], pipeline_run_id=pipeline_id,
             status=outcome.status, inputs=entry.get("deps", {}), outputs=entry.get("outs", {}))

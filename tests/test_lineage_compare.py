@@ -14,10 +14,9 @@ import mlflow
 import pytest
 
 from flows.cli import main
-from storage.lineage import (
+from storage.ancestry import ancestry, compare
+from storage.records import (
     LineageError,
-    ancestry,
-    compare,
     experiment_commit,
     load_source,
     lock_entries,
@@ -231,7 +230,8 @@ def test_cli_compare_and_lineage(repo, capsys, monkeypatch):
 
 def test_a_dep_on_a_folder_of_outputs_inherits_their_difference():
     """The report depends on the whole `artifacts/` folder: a changed model upstream is not a new origin."""
-    from storage.lineage import StageRecord, compare
+    from storage.ancestry import compare
+    from storage.records import StageRecord
 
     def records(model_hash: str) -> dict:
         return {

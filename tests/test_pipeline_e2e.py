@@ -190,7 +190,7 @@ def test_report_renders_offline_and_the_cli_shows_results_and_samples(repo, tmp_
 
 
 def test_mlflow_lineage_joins_up_through_dvc_hashes(repo):
-    from storage.lineage import lock_entries
+    from storage.records import lock_entries
 
     runs = {r.data.tags["reflow.stage"]: r for r in mlflow_runs(repo) if "reflow.stage" in r.data.tags}
     assert sorted(runs) == sorted(STAGES)

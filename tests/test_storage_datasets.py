@@ -13,14 +13,9 @@ import numpy as np
 import pytest
 import zarr
 
-from storage.datasets import (
-    SCHEMA_VERSION,
-    DatasetError,
-    ShardedWriter,
-    compute_content_hash,
-    open_dataset,
-    write_dataset,
-)
+from storage.datasets import SCHEMA_VERSION, compute_content_hash, open_dataset, write_dataset
+from storage.layout import DatasetError
+from storage.sharded import ShardedWriter
 
 MiB = 1 << 20
 
@@ -339,7 +334,7 @@ def test_sharded_writer_processes_share_progress(tmp_path: Path) -> None:
     code = textwrap.dedent(
         """
         import sys, numpy as np
-        from storage.datasets import ShardedWriter
+        from storage.sharded import ShardedWriter
         w = ShardedWriter(sys.argv[1], n_rows=400, shard_rows=10, schema={"x": ((2,), "int32")},
                           kind="k", producer="p", params_hash="h")
         for i in range(int(sys.argv[2]), w.n_shards, 2):

@@ -6,7 +6,9 @@ import sys
 import mlflow
 import pytest
 
-from storage import lineage, tracking
+from storage import tracking
+from storage.records import lock_entries
+from storage.repo import find_repo_root, git_state, stage_input_hashes, stage_output_hashes
 
 
 @pytest.fixture
@@ -24,20 +26,20 @@ def repo(tmp_path):
 
 def test_hashes_match_what_dvc_lock_records(repo):
     subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=repo, check=True)
-    lock = lineage.lock_entries(repo)
-    assert lineage.stage_output_hashes(repo, "make") == lock["make"]["outs"]
-    assert lineage.stage_input_hashes(repo, "use") == lock["use"]["deps"] == lock["make"]["outs"]
-    assert lineage.find_repo_root(repo / ".dvc") == repo
+    lock = lock_entries(repo)
+    assert stage_output_hashes(repo, "make") == lock["make"]["outs"]
+    assert stage_input_hashes(repo, "use") == lock["use"]["deps"] == lock["make"]["outs"]
+    assert find_repo_root(repo / ".dvc") == repo
     with pytest.raises(KeyError, match="no stage named 'nope'"):
-        lineage.stage_input_hashes(repo, "nope")
+        stage_input_hashes(repo, "nope")
 
 
 def test_git_state_sees_commit_and_dirty_tracked_files(repo, tmp_path_factory):
-    commit, dirty = lineage.git_state(repo)
+    commit, dirty = git_state(repo)
     assert len(commit) == 40 and not dirty
     (repo / "dvc.yaml").write_text((repo / "dvc.yaml").read_text() + "\n")
-    assert lineage.git_state(repo) == (commit, True)
-    assert lineage.git_state(tmp_path_factory.mktemp("nogit")) == (None, False)
+    assert git_state(repo) == (commit, True)
+    assert git_state(tmp_path_factory.mktemp("nogit")) == (None, False)
 
 
 def test_killed_stage_run_is_continued_not_duplicated(tmp_path):

@@ -16,7 +16,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from storage.datasets import DatasetError, open_dataset, write_dataset
+from storage.datasets import open_dataset, write_dataset
+from storage.layout import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +125,8 @@ def test_missing_backend_names_the_url_and_what_to_install(tmp_path):
         import sys
         sys.modules["s3fs"] = None  # import s3fs -> ImportError, exactly as when it is not installed
         import numpy as np
-        from storage.datasets import DatasetError, open_dataset, write_dataset
+        from storage.datasets import open_dataset, write_dataset
+        from storage.layout import DatasetError
         for call in (lambda: open_dataset("s3://bucket/train.zarr"),
                      lambda: write_dataset("s3://bucket/train.zarr", {"a": np.zeros(2)}, kind="k",
                                            producer="p", params_hash="h")):

@@ -13,8 +13,9 @@ import pytest
 from storage import atomic
 from storage.atomic import atomic_dir, atomic_write_bytes
 from storage.checkpoints import load_state, save_state
-from storage.datasets import ShardedWriter, open_dataset
+from storage.datasets import open_dataset
 from storage.hashing import tree_sha256
+from storage.sharded import ShardedWriter
 
 
 def enospc(*args, **kwargs):

@@ -86,9 +86,9 @@ def pipeline(root: str = ".", targets: list[str] | None = None,
     pipeline_id = str(flow_run.get_id() or os.urandom(8).hex())
     tracking.configure(params.tracking.uri, params.tracking.experiment, repo)
     commit, dirty = git_state(repo)
-    parent = mlflow.start_run(run_name=f"pipeline {flow_run.get_name() or pipeline_id[:8]}", tags={
-        f"{tracking.TAG}pipeline_run_id": pipeline_id, f"{tracking.TAG}kind": "pipeline",
-        f"{tracking.TAG}git_commit": commit or "none", f"{tracking.TAG}git_dirty": str(dirty).lower()})
+    parent_tags = tracking.run_tags({"pipeline_run_id": pipeline_id, "kind": "pipeline",
+                                     "git_commit": commit or "none", "git_dirty": str(dirty).lower()})
+    parent = mlflow.start_run(run_name=f"pipeline {flow_run.get_name() or pipeline_id[:8]}", tags=parent_tags)
     cfg = {"pipeline_run_id": pipeline_id, "parent_run_id": parent.info.run_id,
            "uri": params.tracking.uri or "", "experiment": params.tracking.experiment,
            "ui_url": params.tracking.ui_url}
@@ -104,10 +104,10 @@ def pipeline(root: str = ".", targets: list[str] | None = None,
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise
-    mlflow.set_tags({
-        f"{tracking.TAG}stages": ",".join(order),
-        f"{tracking.TAG}executed": ",".join(o.stage for o in outcomes if o.status == "executed"),
-        f"{tracking.TAG}skipped": ",".join(o.stage for o in outcomes if o.status != "executed")})
+    tracking.set_tags({
+        "stages": ",".join(order),
+        "executed": ",".join(o.stage for o in outcomes if o.status == "executed"),
+        "skipped": ",".join(o.stage for o in outcomes if o.status != "executed")})
     mlflow.end_run(status="FINISHED")
     for o in outcomes:
         logger.info("%-16s %-24s %6.1f s", o.stage, o.status, o.seconds)

@@ -226,8 +226,7 @@ def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]], *
                 atomic_write_json(root / spec.metrics, metrics)
             tracking.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
             outputs = repo.stage_output_hashes(root, spec.name)
-            mlflow_tags = {tracking.path_tag("output", path): h for path, h in outputs.items()}
-            tracking.set_tags({k.removeprefix(tracking.TAG): v for k, v in mlflow_tags.items()})
+            tracking.set_tags(outputs=outputs)
     except Exception as exc:
         detail = failure_detail(exc, ctx)
         if detail is None:

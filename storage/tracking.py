@@ -13,7 +13,7 @@ REFLOW_PARENT_RUN_ID, not MLFLOW_RUN_ID, which MLflow would silently adopt as th
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,16 @@ def tag_path(key: str, kind: str) -> str | None:
     """The DVC path in a `path_tag` key of this kind, or None."""
     prefix = f"{TAG}{kind}."
     return key[len(prefix):].replace(":", "@") if key.startswith(prefix) else None
+
+
+def run_tags(values: Mapping[str, str] | None = None, *, inputs: Mapping[str, str] | None = None,
+             outputs: Mapping[str, str] | None = None) -> dict[str, str]:
+    """MLflow tags in the scheme above: `reflow.<name>` for each of `values`, then `reflow.input.<path>` and
+    `reflow.output.<path>` (see `path_tag`) for each dependency's and output's DVC hash."""
+    tags = {f"{TAG}{k}": v for k, v in (values or {}).items()}
+    tags |= {path_tag("input", p): h for p, h in (inputs or {}).items()}
+    tags |= {path_tag("output", p): h for p, h in (outputs or {}).items()}
+    return tags
 
 
 def tracking_uri(uri: str | None, root: Path) -> str:
@@ -125,11 +135,10 @@ def stage_run(
     marker = scratch / "mlflow_run_id"
     previous = marker.read_text().strip() if marker.exists() else None
     parent = os.environ.get(ENV_PARENT_RUN) or None
-    all_tags = {f"{TAG}stage": stage, **{f"{TAG}{k}": v for k, v in tags.items()}}
-    all_tags.update({path_tag("input", path): h for path, h in inputs.items()})
+    all_tags = run_tags({"stage": stage, **tags}, inputs=inputs)
     if _resumable(previous):
         run = mlflow.start_run(run_id=previous)
-        mlflow.set_tags(all_tags | {f"{TAG}resumed": "true"})
+        mlflow.set_tags(all_tags | run_tags({"resumed": "true"}))
     else:
         run = mlflow.start_run(run_name=stage, parent_run_id=parent, tags=all_tags)
         atomic_write_text(marker, run.info.run_id)
@@ -157,10 +166,11 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def set_tags(tags: dict[str, str]) -> None:
+def set_tags(values: dict[str, str] | None = None, *, outputs: dict[str, str] | None = None) -> None:
+    """Tag the active run (`run_tags` names the keys)."""
     import mlflow
 
-    mlflow.set_tags({f"{TAG}{k}": v for k, v in tags.items()})
+    mlflow.set_tags(run_tags(values, outputs=outputs))
 
 
 def find_stage_run(pipeline_run_id: str, stage: str) -> str | None:
@@ -179,9 +189,8 @@ def record_driver_run(stage: str, *, parent_run_id: str, pipeline_run_id: str, s
     """A run for a stage whose code did not execute (restored by DVC), so its lineage is still complete."""
     import mlflow
 
-    tags = {f"{TAG}stage": stage, f"{TAG}pipeline_run_id": pipeline_run_id, f"{TAG}status": status}
-    tags |= {path_tag("input", p): h for p, h in inputs.items()}
-    tags |= {path_tag("output", p): h for p, h in outputs.items()}
+    tags = run_tags({"stage": stage, "pipeline_run_id": pipeline_run_id, "status": status},
+                    inputs=inputs, outputs=outputs)
     client = mlflow.MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     run = client.create_run(experiment_id, run_name=stage,

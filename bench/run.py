@@ -3,7 +3,7 @@
 Every figure is the median of `--repeats` runs (after a warm-up), measured on the models that the given
 params file describes (built here at random initialisation: speed does not depend on the weights):
 
-- DiT training images/s of our loop (`reflow.train.train`: accelerate, EMA, clipping, logging) and of a plain
+- DiT training images/s of our loop (`training.loop.train`: accelerate, EMA, clipping, logging) and of a plain
   PyTorch loop over the same model, objective, batch and EMA; their ratio is our loop's overhead;
 - teacher pair generation pairs/s (guided DDIM at `teacher_pairs.ddim_steps`, as the stage does it);
 - sampling images/s (decoded) of a velocity model at NFE 1 and at the teacher's NFE, of the DDIM teacher,
@@ -112,7 +112,7 @@ def make_dit(params: Params, num_classes: int = 10, **overrides):
 def bench_training(params: Params, steps: int, repeats: int) -> dict:
     from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
     from reflow.models import null_label
-    from reflow.train import TrainConfig, make_accelerator, train
+    from training.loop import TrainConfig, make_accelerator, train
 
     p, device = params.dit, device_of(params)
     n = 1438
@@ -172,11 +172,11 @@ def bench_training(params: Params, steps: int, repeats: int) -> dict:
 
 
 def bench_loader(params: Params, repeats: int) -> dict:
-    """Batches exactly as the trainer takes them (`reflow.loader`): from RAM (epoch-permuted gathers), and from a
+    """Batches exactly as the trainer takes them (`training.loader`): from RAM (epoch-permuted gathers), and from a
     zarr dataset on disk chunk by chunk (`ChunkedSource`, what a dataset over `compute.ram_budget_gb` gets), 64k rows
     of the DiT's latents so that an epoch walks many chunks."""
-    from reflow.loader import ChunkedSource, InMemorySource
     from storage.datasets import open_dataset, write_dataset
+    from training.loader import ChunkedSource, InMemorySource
 
     b, shape = params.dit.batch_size, latent_shape(params)
     n = 1438
@@ -207,7 +207,8 @@ def bench_loader(params: Params, repeats: int) -> dict:
 def bench_generation(params: Params, n: int, repeats: int) -> dict:
     from reflow.models import build_vae, decode_latents
     from reflow.rectified import velocity_field
-    from reflow.samplers import per_sample_noise, sample_seeds, solve
+    from reflow.samplers import solve
+    from reflow.seeds import per_sample_noise, sample_seeds
     from stages.teacher_pairs import generate
 
     device = device_of(params)
@@ -255,7 +256,7 @@ def bench_generation(params: Params, n: int, repeats: int) -> dict:
 def pair_memory_child(params: Params, n: int, out: Path) -> None:
     """One pair generation streamed shard by shard to zarr, as `teacher_pairs` does (2 DDIM steps: memory
     does not depend on the step count)."""
-    from reflow.samplers import sample_seeds
+    from reflow.seeds import sample_seeds
     from stages.teacher_pairs import generate
     from storage.sharded import ShardedWriter
 

@@ -56,7 +56,7 @@ class FeatureNet(ModelMixin, ConfigMixin):
 
 def classifier_loss(model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
                     step: int) -> torch.Tensor:
-    """Cross-entropy on the labels (the `reflow.train.train` loss signature)."""
+    """Cross-entropy on the labels (the `training.loop.train` loss signature)."""
     return F.cross_entropy(model(batch["images"])[1], batch["labels"])
 
 

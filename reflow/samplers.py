@@ -1,4 +1,4 @@
-"""Every ODE integration in the project: Euler, Heun, RK45, DDIM, straightness, per-sample noise.
+"""Every ODE integration in the project: Euler, Heun, RK45, DDIM, straightness (per-sample noise: reflow.seeds).
 
 One module, so that every stage counts network evaluations (NFE) the same honest way (METHOD.md):
 a `Field` counts its own calls, classifier-free guidance counts twice per call, Euler with N steps is N
@@ -300,43 +300,3 @@ def straightness(field: Field, z0: Tensor, *, steps: int) -> Tensor:
     displacement = x - z0
     errors = [(displacement - v).pow(2).flatten(1).mean(dim=1) for v in velocities]
     return torch.stack(errors).mean(dim=0)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Per-sample seeds and noise
-# ---------------------------------------------------------------------------------------------------------
-
-_MASK63 = (1 << 63) - 1
-_GAMMA = 0x9E3779B97F4A7C15 & _MASK63  # SplitMix64's odd increment (golden ratio), on 63 bits
-
-
-def _mix63(z: int) -> int:
-    """SplitMix64's finaliser on 63 bits: a bijection of [0, 2^63) (xor-shifts, odd multipliers)."""
-    z &= _MASK63
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK63
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK63
-    return z ^ (z >> 31)
-
-
-def sample_seeds(base_seed: int, start: int, stop: int) -> list[int]:
-    """Seeds of samples `start .. stop - 1`: a SplitMix stream on 63 bits keyed by `base_seed`.
-
-    `seed_i = mix(mix(base_seed) + (i + 1) * GAMMA mod 2^63)` with `mix` SplitMix64's finaliser. Stable
-    (pure integer arithmetic, no RNG state), distinct for every index of one base seed (`GAMMA` is odd
-    and `mix` a bijection), unrelated across base seeds, and in [0, 2^63) so they fit an int64 column.
-    """
-    key = _mix63(base_seed)
-    return [_mix63(key + (i + 1) * _GAMMA) for i in range(start, stop)]
-
-
-def per_sample_noise(
-    seeds: Sequence[int] | Tensor, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """Standard Gaussian noise `[len(seeds), *shape]` on the CPU, row `i` from its own generator.
-
-    Row `i` depends only on `seeds[i]`, so any shard or batch size regenerates it bit for bit (EDM's
-    per-sample seeding). Move it to the device afterwards.
-    """
-    seeds = seeds.tolist() if isinstance(seeds, Tensor) else list(seeds)
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
-    return torch.stack(rows) if rows else torch.empty((0, *shape), dtype=dtype)

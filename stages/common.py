@@ -37,7 +37,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from reflow.data import DataError  # noqa: E402
 from reflow.models import ModelLoadError  # noqa: E402
-from reflow.train import NonFiniteLossError, TrainConfig, enable_tf32  # noqa: E402
 from stages.params import Params, ParamsError, ParamsView, TrainParams, load_params  # noqa: E402
 from stages.spec import StageSpec, resolve_path  # noqa: E402
 from storage import repo, tracking  # noqa: E402
@@ -46,6 +45,7 @@ from storage.checkpoints import CheckpointError  # noqa: E402
 from storage.hashing import params_hash  # noqa: E402
 from storage.layout import DatasetError  # noqa: E402
 from storage.scratch import clear_scratch, scratch_dir  # noqa: E402
+from training.loop import NonFiniteLossError, TrainConfig, enable_tf32  # noqa: E402
 
 
 @dataclass

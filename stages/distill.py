@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reflow.loader import batch_source
 from reflow.losses import LPIPSLoss
 from reflow.models import load_dit, load_vae
 from reflow.rectified import OneStepDistillObjective, SegmentObjective, velocity_field
-from reflow.samplers import euler, per_sample_noise, sample_seeds, time_grid
+from reflow.samplers import euler, time_grid
+from reflow.seeds import per_sample_noise, sample_seeds
 from reflow.seqrf import segment_endpoints, seqrf_sample, seqrf_sampler
 from stages.common import StageContext, StageSpec, generation_device, stage_main
 from stages.pairs import generate_pairs, segment_rows, segment_schema
@@ -33,6 +33,7 @@ from stages.velocity import (
 )
 from storage.checkpoints import read_meta
 from storage.datasets import open_dataset
+from training.loader import batch_source
 
 SPEC = StageSpec(
     name="distill",

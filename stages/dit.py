@@ -9,13 +9,14 @@ from __future__ import annotations
 import sys
 
 from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
-from reflow.loader import StackedViews, batch_source
 from reflow.models import build_dit, load_dit, null_label
-from reflow.train import make_accelerator, train
 from stages.common import StageContext, StageSpec, stage_main, train_config
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
+from storage.faults import crash_point
 from storage.resume import FileResume
+from training.loader import StackedViews, batch_source
+from training.loop import make_accelerator, train
 
 SPEC = StageSpec(
     name="dit",
@@ -49,7 +50,8 @@ def run(ctx: StageContext) -> dict:
                               learn_sigma=p.learn_sigma)
     accelerator = make_accelerator(compute.device, compute.mixed_precision)
     result = train(model, objective, data, cfg, accelerator,
-                   resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="dit")
+                   resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="dit",
+                   crash_point=crash_point)
     if not ctx.is_main:  # every process trained its share of each batch; the main one saves
         return {}
     out = ctx.out("model")

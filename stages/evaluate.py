@@ -33,7 +33,7 @@ from reflow.data import save_grid
 from reflow.fid import INCEPTION, FeatureNet, classify, fid_features, register_classifier
 from reflow.intervals import MEASURES, Measured, Reference, SeedSet, measure_sets
 from reflow.models import decode_latents, load_vae
-from reflow.samplers import per_sample_noise, sample_seeds
+from reflow.seeds import per_sample_noise, sample_seeds
 from stages.common import StageContext, StageError, StageSpec, generation_autocast, generation_device, stage_main
 from stages.generator import Generator, load_generator
 from storage.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_npz

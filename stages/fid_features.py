@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from reflow.fid import FeatureNet, classifier_loss, classify
-from reflow.train import make_accelerator, train
 from stages.common import StageContext, StageSpec, stage_main, train_config
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
+from storage.faults import crash_point
 from storage.resume import FileResume
+from training.loop import make_accelerator, train
 
 SPEC = StageSpec(
     name="fid_features",
@@ -44,7 +45,8 @@ def run(ctx: StageContext) -> dict:
     cfg = train_config(p, compute.seed)
     data = {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
     result = train(net, classifier_loss, data, cfg, make_accelerator(compute.device, compute.mixed_precision),
-                   resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="fid_features")
+                   resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="fid_features",
+                   crash_point=crash_point)
     if not ctx.is_main:  # every process trained its share of each batch; the main one measures and saves
         return {}
     net = result.ema.to("cpu")

@@ -132,7 +132,7 @@ def sample_grid(root: Path, model: str, *, steps: int, solver: str | None = None
 
     from reflow.data import save_grid
     from reflow.models import decode_latents, load_vae
-    from reflow.samplers import per_sample_noise, sample_seeds
+    from reflow.seeds import per_sample_noise, sample_seeds
     from storage.datasets import open_dataset
 
     path = Path(model) if Path(model).exists() else root / "artifacts" / model

@@ -15,7 +15,8 @@ import torch
 
 from reflow.models import load_dit
 from reflow.rectified import velocity_field
-from reflow.samplers import per_sample_noise, sample_seeds, solve
+from reflow.samplers import solve
+from reflow.seeds import per_sample_noise, sample_seeds
 from stages.common import StageContext, StageSpec, generation_device, stage_main
 from stages.pairs import generate_pairs
 from stages.velocity import teacher_meta

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 
-from reflow.loader import batch_source
 from reflow.rectified import RectifiedFlowObjective
 from stages.common import StageContext, StageSpec, stage_main
 from stages.velocity import (
@@ -22,6 +21,7 @@ from stages.velocity import (
     velocity_model_like,
 )
 from storage.datasets import open_dataset
+from training.loader import batch_source
 
 SPEC = StageSpec(
     name="rf1",

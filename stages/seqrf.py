@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 
-from reflow.loader import batch_source
 from reflow.rectified import SegmentObjective
 from reflow.seqrf import seqrf_sampler
 from stages.common import StageContext, StageSpec, stage_main
@@ -23,6 +22,7 @@ from stages.velocity import (
     velocity_model_like,
 )
 from storage.datasets import open_dataset
+from training.loader import batch_source
 
 SPEC = StageSpec(
     name="seqrf",

@@ -18,7 +18,8 @@ import torch
 from reflow.flow import interpolate
 from reflow.models import load_dit
 from reflow.rectified import velocity_field
-from reflow.samplers import euler_on_grid, per_sample_noise, sample_seeds, time_grid
+from reflow.samplers import euler_on_grid, time_grid
+from reflow.seeds import per_sample_noise, sample_seeds
 from reflow.seqrf import adaptive_boundaries, segment_endpoints, uniform_boundaries
 from stages.common import StageContext, StageSpec, generation_device, stage_main
 from stages.pairs import generate_pairs, segment_rows, segment_schema

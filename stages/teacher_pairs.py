@@ -17,7 +17,7 @@ import torch
 
 from reflow.data import save_grid
 from reflow.models import decode_latents, load_dit, load_vae
-from reflow.samplers import per_sample_noise, sample_seeds
+from reflow.seeds import per_sample_noise, sample_seeds
 from stages.common import StageContext, StageSpec, generation_device, stage_main
 from stages.generator import Generator
 from stages.pairs import generate_pairs

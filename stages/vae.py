@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from reflow.models import build_vae, images_to_unit, load_vae, unit_to_images, vae_downsampling
-from reflow.train import make_accelerator, train
 from stages.common import StageContext, StageSpec, generation_device, stage_main, train_config
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
+from storage.faults import crash_point
 from storage.resume import FileResume
+from training.loop import make_accelerator, train
 
 SPEC = StageSpec(
     name="vae",
@@ -87,7 +88,8 @@ def run(ctx: StageContext) -> dict:
         accelerator = make_accelerator(compute.device, compute.mixed_precision)
         cfg = train_config(p, compute.seed)
         result = train(VAETraining(vae), VAEObjective(p.kl_weight), {"images": train_images}, cfg, accelerator,
-                       resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="vae")
+                       resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc="vae",
+                       crash_point=crash_point)
         vae = result.ema.vae
         metrics["train_loss"] = result.last_loss
     if not ctx.is_main:  # every process trained its share of each batch; the main one measures and saves

@@ -14,18 +14,19 @@ from pathlib import Path
 import torch
 
 from reflow.data import save_grid
-from reflow.loader import BatchSource, as_tensor, batch_source
 from reflow.metrics import Sampler, flow_errors
 from reflow.models import build_dit, decode_latents, init_where_shapes_match, load_dit, load_vae
 from reflow.rectified import RectifiedFlowObjective, velocity_field
 from reflow.samplers import euler
-from reflow.train import TrainResult, make_accelerator, train
 from stages.common import StageContext, train_config
 from stages.params import ComputeParams, VelocityTrainParams
 from storage.atomic import atomic_dir
 from storage.checkpoints import read_meta, save_model
 from storage.datasets import Dataset, open_dataset
+from storage.faults import crash_point
 from storage.resume import FileResume
+from training.loader import BatchSource, as_tensor, batch_source
+from training.loop import TrainResult, make_accelerator, train
 
 
 def _pairs(path, meta: dict, names) -> Dataset:
@@ -38,7 +39,7 @@ def _pairs(path, meta: dict, names) -> Dataset:
 def training_rows(path, meta: dict, compute: ComputeParams, *, names=("z0", "z1", "label"),
                   rows: int | None = None) -> BatchSource:
     """Rows `[0, rows)` of a pairs dataset to train on: in RAM within `compute.ram_budget_gb`, else read chunk
-    by chunk (reflow.loader). Shapes are checked as in `held_out_pairs`."""
+    by chunk (training.loader). Shapes are checked as in `held_out_pairs`."""
     return batch_source(_pairs(path, meta, names), names, compute.seed, rows=rows,
                         ram_budget_gb=compute.ram_budget_gb)
 
@@ -76,7 +77,8 @@ def train_velocity(ctx: StageContext, p: VelocityTrainParams, compute: ComputePa
                    objective: RectifiedFlowObjective, desc: str) -> TrainResult:
     cfg = train_config(p, compute.seed)
     return train(model, objective, data, cfg, make_accelerator(compute.device, compute.mixed_precision),
-                 resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc=desc)
+                 resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc=desc,
+                 crash_point=crash_point)
 
 
 @torch.inference_mode()

@@ -24,7 +24,7 @@ from stages.params import SECTIONS, load_params
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {s.name: s for s in Repo(str(ROOT)).index.stages}
 PARAMS = load_params(ROOT / "params.yaml")
-PACKAGES = ("reflow", "stages", "storage", "tasks", "flows")
+PACKAGES = ("reflow", "stages", "storage", "tasks", "flows", "training")
 
 
 def file_deps(stage):

@@ -15,7 +15,7 @@ from reflow.fid import (
     register_classifier,
 )
 from reflow.intervals import Reference, SeedSet, measure_sets
-from reflow.train import TrainConfig, make_accelerator, train
+from training.loop import TrainConfig, make_accelerator, train
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Training batches from RAM or chunk by chunk from a real zarr dataset (reflow.loader)."""
+"""Training batches from RAM or chunk by chunk from a real zarr dataset (training.loader)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from reflow.loader import ChunkedSource, EpochSampler, InMemorySource, StackedViews, batch_source, dataset_bytes
-from reflow.train import TrainConfig, make_accelerator, train
 from storage.datasets import open_dataset, write_dataset
 from storage.resume import FileResume
+from training.loader import ChunkedSource, EpochSampler, InMemorySource, StackedViews, batch_source, dataset_bytes
+from training.loop import TrainConfig, make_accelerator, train
 
 ROW_SHAPE = (4, 16, 16)  # 4 KiB of float32 per row: 256 rows per ~1 MiB inner chunk
 
@@ -131,7 +131,7 @@ def test_stacked_views_are_one_longer_array(pairs):
 
 
 def test_training_on_chunks_learns_and_resumes_bitwise(tmp_path):
-    """reflow.train.train on a ChunkedSource: the loss falls, and a resumed run equals an uninterrupted one."""
+    """training.loop.train on a ChunkedSource: the loss falls, and a resumed run equals an uninterrupted one."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3000, 256, generator=g)  # 1 KiB rows: 1024-row chunks, three of them
     w = torch.randn(256, 1, generator=g) / 16

@@ -141,7 +141,7 @@ def test_stored_fid_equals_scipy_on_regenerated_samples(repo):
     """Regenerate one measured point (rf@2, seed 0, one Euler step) and compute its FID independently."""
     from reflow.fid import FeatureNet, extract_features, frechet_distance
     from reflow.models import load_vae
-    from reflow.samplers import per_sample_noise, sample_seeds
+    from reflow.seeds import per_sample_noise, sample_seeds
     from stages.evaluate import generate_images
     from stages.generator import load_generator
 

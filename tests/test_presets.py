@@ -25,8 +25,8 @@ from ruamel.yaml import YAML
 from reflow.data import load_digits
 from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
 from reflow.models import DIT_SUBFOLDER, REFERENCE_NORM_EPS, build_dit, dit_epsilon, load_dit, load_vae, null_label
-from reflow.train import TrainConfig, make_accelerator, train
 from stages.params import load_params
+from training.loop import TrainConfig, make_accelerator, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {name: ROOT / "presets" / f"{name}.yaml" for name in ("cifar10", "imagenet256")}

@@ -13,12 +13,11 @@ from reflow.samplers import (
     euler,
     guided,
     heun,
-    per_sample_noise,
     rk45,
-    sample_seeds,
     solve,
     straightness,
 )
+from reflow.seeds import mix_seed, per_sample_noise, sample_seeds
 
 
 def _z0(shape: tuple[int, ...] = (5, 3), seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -218,8 +217,16 @@ def test_straightness_is_zero_for_straight_paths_and_the_velocity_variance_other
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-sample seeds and noise
+# Seeds (reflow.seeds) and per-sample noise
 # ---------------------------------------------------------------------------------------------------------
+
+
+def test_mix_seed_is_stable() -> None:
+    """Every training loop's batch order and per-step noise come from these values (reflow.seeds)."""
+    assert mix_seed(0, 0, 0, 1) == 6367421831371649418
+    assert mix_seed(7, 3) == 3372149508506556760
+    assert mix_seed() == 2177342782468422677
+    assert mix_seed(-1) == mix_seed(2**64 - 1) and 0 <= mix_seed(-1) < 2**63
 
 
 def test_sample_seeds_are_stable_distinct_and_fit_int64() -> None:

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from reflow.flow import rf_loss, sample_time
-from reflow.samplers import Field, euler, per_sample_noise, sample_seeds, straightness
+from reflow.samplers import Field, euler, straightness
+from reflow.seeds import per_sample_noise, sample_seeds
 
 MODES = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from reflow.loader import EpochSampler
-from reflow.train import NonFiniteLossError, TrainConfig, make_accelerator, train
 from storage.resume import FileResume
+from training.loader import EpochSampler
+from training.loop import NonFiniteLossError, TrainConfig, make_accelerator, train
 
 
 def regression_problem():
@@ -61,6 +61,28 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
     resume = FileResume(tmp_path / "state.pt")
     with pytest.raises(NonFiniteLossError, match="at step 7"):
         train(fresh_model(), exploding, regression_problem(), cfg, make_accelerator("cpu", "no"), resume=resume)
+    assert resume.load()["step"] == 5
+
+
+def test_crash_hook_fires_after_every_step_before_that_step_s_checkpoint(tmp_path):
+    """`train_step` is reached once per step, after the update and before the step's checkpoint: a kill at
+    its 10th visit (REFLOW_KILL_AT=train_step@10 with storage.faults.crash_point) leaves step 5's checkpoint."""
+    class Killed(Exception):
+        pass
+
+    reached = []
+
+    def crash_point(name):
+        reached.append(name)
+        if len(reached) == 10:
+            raise Killed
+
+    cfg = TrainConfig(steps=20, batch_size=32, lr=1e-2, log_every=5, checkpoint_every=5, seed=3)
+    resume = FileResume(tmp_path / "state.pt")
+    with pytest.raises(Killed):
+        train(fresh_model(), objective, regression_problem(), cfg, make_accelerator("cpu", "no"), resume=resume,
+              crash_point=crash_point)
+    assert reached == ["train_step"] * 10
     assert resume.load()["step"] == 5
 
 

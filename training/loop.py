@@ -23,11 +23,12 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from reflow.loader import Batch, BatchSource, InMemorySource, mix_seed
-from storage.faults import crash_point
+from reflow.seeds import mix_seed
+from training.loader import Batch, BatchSource, InMemorySource
 
 LossFn = Callable[[nn.Module, Batch, torch.Generator, int], torch.Tensor]  # (model, batch, generator, step)
 LogFn = Callable[[dict[str, float], int], None]
+CrashPoint = Callable[[str], None]  # called with a point's name where a kill hurts most (storage.faults)
 
 
 class ResumeStore(Protocol):
@@ -79,6 +80,10 @@ def make_accelerator(device: str, mixed_precision: str) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
+def no_crash_point(name: str) -> None:
+    """The default crash hook: nothing happens at any point."""
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -89,9 +94,12 @@ def train(
     resume: ResumeStore | None = None,
     log: LogFn | None = None,
     desc: str = "train",
+    crash_point: CrashPoint = no_crash_point,
 ) -> TrainResult:
     """Train `model` for `cfg.steps` steps on `data`: tensors in RAM (rows on the first axis), or a
-    `reflow.loader` source (`ChunkedSource` for datasets larger than the RAM budget)."""
+    `training.loader` source (`ChunkedSource` for datasets larger than the RAM budget). `crash_point` is called
+    with "train_step" after every optimiser and EMA step: the stages pass `storage.faults.crash_point`, where
+    the reliability tests kill the process."""
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     source = (InMemorySource(data, cfg.seed) if isinstance(data, dict) else data).to(device)

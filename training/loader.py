@@ -25,6 +25,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from reflow.seeds import mix_seed
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -36,15 +38,6 @@ class BatchSource(Protocol):
     def to(self, device: torch.device | str) -> BatchSource: ...
 
     def batch(self, step: int, global_batch: int, rank: int, local_batch: int) -> Batch: ...
-
-
-def mix_seed(*parts: int) -> int:
-    """A stable 63-bit seed from integers (SplitMix64 finaliser over a running combination)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 def as_tensor(name: str, rows: np.ndarray) -> torch.Tensor:

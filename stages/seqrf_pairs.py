@@ -19,7 +19,7 @@ from reflow.flow import interpolate
 from reflow.models import load_dit
 from reflow.rectified import velocity_field
 from reflow.samplers import euler_on_grid, time_grid
-from reflow.seeds import per_sample_noise, sample_seeds
+from reflow.seeds import mix_seed, per_sample_noise, sample_seeds
 from reflow.seqrf import adaptive_boundaries, segment_endpoints, uniform_boundaries
 from stages.common import StageContext, StageSpec, generation_device, stage_main
 from stages.pairs import generate_pairs, segment_rows, segment_schema
@@ -37,6 +37,9 @@ SPEC = StageSpec(
 )
 
 ADAPTIVE_PROBE = 64  # trajectories the boundary search averages over
+# The probe's noise is its own per-sample stream, keyed by mix_seed(seqrf.seed, PROBE_STREAM): a base seed no
+# pair row of this stage uses, and unlike `seed + 1` not the pair stream of a run whose seed is one higher.
+PROBE_STREAM = 1
 
 
 def boundary_indices(boundaries: list[float], teacher_steps: int) -> list[int]:
@@ -70,7 +73,7 @@ def run(ctx: StageContext) -> dict:
     else:  # the fine 1-RF trajectory of a probe batch, from seeds no pair row uses
         with torch.inference_mode():
             y = np.arange(ADAPTIVE_PROBE, dtype=np.int64) % meta["num_classes"]
-            z0 = per_sample_noise(sample_seeds(p.seed + 1, 0, ADAPTIVE_PROBE), shape).to(device)
+            z0 = per_sample_noise(sample_seeds(mix_seed(p.seed, PROBE_STREAM), 0, ADAPTIVE_PROBE), shape).to(device)
             traj = euler_on_grid(flow(y), z0, grid, return_trajectory=True).trajectory
         boundaries = adaptive_boundaries(torch.stack([x.float().cpu() for _, x in traj]),
                                          torch.tensor(grid, dtype=torch.float64), k)

@@ -96,7 +96,7 @@ def latent_shape(params: Params) -> tuple[int, int, int]:
 
 
 def make_dit(params: Params, num_classes: int = 10, **overrides):
-    from reflow.models import build_dit
+    from models.dit import build_dit
 
     c, size, _ = latent_shape(params)
     p = params.dit
@@ -110,8 +110,8 @@ def make_dit(params: Params, num_classes: int = 10, **overrides):
 # Training: our loop against a plain one
 # ---------------------------------------------------------------------------------------------------------
 def bench_training(params: Params, steps: int, repeats: int) -> dict:
+    from models.dit import null_label
     from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
-    from reflow.models import null_label
     from training.loop import TrainConfig, make_accelerator, train
 
     p, device = params.dit, device_of(params)
@@ -205,7 +205,7 @@ def bench_loader(params: Params, repeats: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def bench_generation(params: Params, n: int, repeats: int) -> dict:
-    from reflow.models import build_vae, decode_latents
+    from models.vae import build_vae, decode_latents
     from reflow.rectified import velocity_field
     from reflow.samplers import solve
     from reflow.seeds import per_sample_noise, sample_seeds
@@ -337,8 +337,8 @@ def bench_gpu_path(params: Params, steps: int, repeats: int, peak: float | None,
     """Images/s of one plain DiT training step (as `bench_training`'s plain loop) under each set of knobs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from models.dit import null_label
     from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
-    from reflow.models import null_label
 
     p, device = params.dit, device_of(params)
     n = 1438

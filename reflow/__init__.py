@@ -1,1 +1,1 @@
-"""The method and its measurement: models, rectified-flow objectives, samplers, FID and its intervals."""
+"""The method and its measurement: rectified-flow objectives, samplers, FID and its intervals."""

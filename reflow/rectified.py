@@ -15,10 +15,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from models.dit import dit_velocity
 from reflow.diffusion import drop_labels
 from reflow.flow import anneal_noise, anneal_r, flip_pairs, rf_loss, sample_time
 from reflow.losses import mse, pseudo_huber
-from reflow.models import dit_velocity
 from reflow.samplers import Field, guided
 from reflow.seqrf import segment_train_example
 

@@ -35,8 +35,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from reflow.data import DataError  # noqa: E402
-from reflow.models import ModelLoadError  # noqa: E402
+from imagedata.sources import DataError  # noqa: E402
+from models.dit import ModelLoadError  # noqa: E402
 from stages.params import Params, ParamsError, ParamsView, TrainParams, load_params  # noqa: E402
 from stages.spec import StageSpec, resolve_path  # noqa: E402
 from storage import repo, tracking  # noqa: E402

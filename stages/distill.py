@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reflow.losses import LPIPSLoss
-from reflow.models import load_dit, load_vae
+from models.dit import load_dit
+from models.lpips import LPIPSLoss
+from models.vae import load_vae
 from reflow.rectified import OneStepDistillObjective, SegmentObjective, velocity_field
 from reflow.samplers import euler, time_grid
 from reflow.seeds import per_sample_noise, sample_seeds

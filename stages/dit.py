@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from models.dit import build_dit, load_dit, null_label
 from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
-from reflow.models import build_dit, load_dit, null_label
 from stages.common import StageContext, StageSpec, stage_main, train_config
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset

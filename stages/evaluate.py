@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from reflow.data import save_grid
+from imagedata.grids import save_grid
+from models.vae import decode_latents, load_vae
 from reflow.fid import INCEPTION, FeatureNet, classify, fid_features, register_classifier
 from reflow.intervals import MEASURES, Measured, Reference, SeedSet, measure_sets
-from reflow.models import decode_latents, load_vae
 from reflow.seeds import per_sample_noise, sample_seeds
 from stages.common import StageContext, StageError, StageSpec, generation_autocast, generation_device, stage_main
 from stages.generator import Generator, load_generator

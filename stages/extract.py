@@ -11,7 +11,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from reflow.models import images_to_unit, load_vae
+from models.vae import images_to_unit, load_vae
 from stages.common import StageContext, StageSpec, generation_device, stage_main
 from storage.atomic import atomic_dir
 from storage.datasets import open_dataset, write_dataset

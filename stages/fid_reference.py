@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from reflow.data import stratified_sample
+from imagedata.splits import stratified_sample
 from reflow.fid import INCEPTION, FeatureNet, classify, fid_features, register_classifier
 from reflow.intervals import MEASURES, SMALL_SET_MAX, Reference, SeedSet, measure_sets
 from stages.common import StageContext, StageError, StageSpec, stage_main

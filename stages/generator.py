@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from reflow.models import dit_epsilon, load_dit
+from models.dit import dit_epsilon, load_dit
 from reflow.rectified import velocity_field
 from reflow.samplers import SampleResult, ddim, guided, solve, straightness
 from reflow.seqrf import seqrf_sample
@@ -130,8 +130,8 @@ def sample_grid(root: Path, model: str, *, steps: int, solver: str | None = None
     """
     import numpy as np
 
-    from reflow.data import save_grid
-    from reflow.models import decode_latents, load_vae
+    from imagedata.grids import save_grid
+    from models.vae import decode_latents, load_vae
     from reflow.seeds import per_sample_noise, sample_seeds
     from storage.datasets import open_dataset
 

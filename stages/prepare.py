@@ -16,7 +16,9 @@ import sys
 
 import numpy as np
 
-from reflow.data import class_grid_indices, load_source, save_grid, split_dataset
+from imagedata.grids import save_grid
+from imagedata.sources import load_source
+from imagedata.splits import class_grid_indices, split_dataset
 from stages.common import StageContext, StageSpec, stage_main
 from storage.atomic import atomic_dir, atomic_write_json
 from storage.datasets import write_dataset

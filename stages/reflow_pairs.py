@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-from reflow.models import load_dit
+from models.dit import load_dit
 from reflow.rectified import velocity_field
 from reflow.samplers import solve
 from reflow.seeds import per_sample_noise, sample_seeds

@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import torch
 
+from models.dit import load_dit
 from reflow.flow import interpolate
-from reflow.models import load_dit
 from reflow.rectified import velocity_field
 from reflow.samplers import euler_on_grid, time_grid
 from reflow.seeds import mix_seed, per_sample_noise, sample_seeds

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reflow.data import save_grid
-from reflow.models import decode_latents, load_dit, load_vae
+from imagedata.grids import save_grid
+from models.dit import load_dit
+from models.vae import decode_latents, load_vae
 from reflow.seeds import per_sample_noise, sample_seeds
 from stages.common import StageContext, StageSpec, generation_device, stage_main
 from stages.generator import Generator

@@ -2,7 +2,8 @@
 
 Either a pretrained `AutoencoderKL` (`vae.pretrained`: local folder or a hub id already cached) or a
 small one trained here on the training images. The latent scale factor (latents * scale ~ unit
-variance) is stored in the saved config as `scaling_factor`, the one place later stages read it.
+variance) is stored in the saved config as `scaling_factor`, the one place later stages read it. The
+training pass and objective are `models.vae.VAETraining` and `VAEObjective`; this module is their wiring.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import sys
 
 import torch
-from torch import nn
 
-from reflow.models import build_vae, images_to_unit, load_vae, unit_to_images, vae_downsampling
+from models.vae import VAEObjective, VAETraining, build_vae, latent_stats, load_vae, vae_downsampling
 from stages.common import StageContext, StageSpec, generation_device, stage_main, train_config
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
@@ -27,50 +27,6 @@ SPEC = StageSpec(
     outs={"model": "artifacts/vae"},
     metrics="metrics/vae.json",
 )
-
-
-class VAETraining(nn.Module):
-    """The VAE's training pass (encode, sample the posterior, decode) as one `forward`.
-
-    Data-parallel training wraps the model in DDP, which synchronises gradients only for work done
-    through its `forward`; calling `encode`/`decode` on the wrapper is not possible and on the VAE
-    itself would skip that.
-    """
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(x).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator, device=x.device)
-        z = posterior.mean + posterior.std * noise
-        return self.vae.decode(z).sample, posterior.kl()
-
-
-class VAEObjective:
-    """Reconstruction MSE in [-1, 1] plus a small KL to keep the latent space smooth."""
-
-    def __init__(self, kl_weight: float):
-        self.kl_weight = kl_weight
-
-    def __call__(self, model, batch, generator, step):
-        x = images_to_unit(batch["images"])
-        recon, kl = model(x, generator)
-        return (recon.float() - x).pow(2).mean() + self.kl_weight * kl.mean()
-
-
-@torch.inference_mode()
-def latent_stats(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
-    """(std of the posterior means, reconstruction MSE in [-1, 1]) over `images`."""
-    means, sq_err = [], 0.0
-    for i in range(0, len(images), batch_size):
-        x = images_to_unit(images[i : i + batch_size].to(vae.device))
-        mean = vae.encode(x).latent_dist.mean
-        means.append(mean.float().cpu())
-        sq_err += (images_to_unit(unit_to_images(vae.decode(mean).sample)) - x).pow(2).sum().item()
-    latents = torch.cat(means)
-    return latents.std().item(), sq_err / images.numel()
 
 
 def run(ctx: StageContext) -> dict:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from reflow.data import save_grid
+from imagedata.grids import save_grid
+from models.dit import build_dit, init_where_shapes_match, load_dit
+from models.vae import decode_latents, load_vae
 from reflow.metrics import Sampler, flow_errors
-from reflow.models import build_dit, decode_latents, init_where_shapes_match, load_dit, load_vae
 from reflow.rectified import RectifiedFlowObjective, velocity_field
 from reflow.samplers import euler
 from stages.common import StageContext, train_config

@@ -1,4 +1,4 @@
-"""reflow.data: every source yields uint8 N x 3 x R x R RGB with int64 labels, or a clear DataError."""
+"""images: every source yields uint8 N x 3 x R x R RGB with int64 labels, or a clear DataError."""
 
 from __future__ import annotations
 
@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reflow.data import (
-    DataError,
-    ImageSet,
-    class_grid_indices,
-    load_digits,
-    load_image_folder,
-    load_npz,
-    load_source,
-    make_grid,
-    save_grid,
-    split_dataset,
-    stratified_sample,
-)
+from imagedata.grids import make_grid, save_grid
+from imagedata.sources import DataError, ImageSet, load_digits, load_image_folder, load_npz, load_source
+from imagedata.splits import class_grid_indices, split_dataset, stratified_sample
 
 
 def _check_image_set(data: ImageSet, n: int, resolution: int, n_classes: int) -> None:

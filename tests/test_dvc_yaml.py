@@ -24,7 +24,7 @@ from stages.params import SECTIONS, load_params
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {s.name: s for s in Repo(str(ROOT)).index.stages}
 PARAMS = load_params(ROOT / "params.yaml")
-PACKAGES = ("reflow", "stages", "storage", "tasks", "flows", "training")
+PACKAGES = ("imagedata", "models", "reflow", "stages", "storage", "tasks", "flows", "training")
 
 
 def file_deps(stage):
@@ -181,6 +181,6 @@ def test_an_edit_to_stages_common_reruns_every_stage_that_imports_it(copy_pipeli
 
 @pytest.mark.e2e
 def test_an_edit_to_the_models_reruns_teacher_pairs_rf1_and_every_evaluation(copy_pipeline, tmp_path):
-    changed, closures = edited_status(copy_pipeline(tmp_path / "repo"), "reflow/models.py")
-    assert changed == importers(closures, "reflow/models.py")
+    changed, closures = edited_status(copy_pipeline(tmp_path / "repo"), "models/dit.py")
+    assert changed == importers(closures, "models/dit.py")
     assert {"teacher_pairs", "rf1"} | {name for name in closures if name.startswith("evaluate@")} <= changed

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from reflow.data import load_digits, save_grid
+from imagedata.grids import save_grid
+from imagedata.sources import load_digits
 from reflow.fid import FeatureNet, classify, extract_features, fid_features, frechet_distance, register_classifier
 from reflow.intervals import MEASURES, Reference, SeedSet, measure_sets
 from reflow.results import headline_comparisons, load_evaluations, ranking, results_table

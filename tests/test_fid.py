@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from reflow.data import load_digits, split_dataset
+from imagedata.sources import load_digits
+from imagedata.splits import split_dataset
 from reflow.fid import (
     FeatureNet,
     classifier_loss,

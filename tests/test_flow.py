@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 
+from models.lpips import LPIPSLoss
 from reflow.flow import (
     anneal_noise,
     anneal_r,
@@ -16,7 +17,7 @@ from reflow.flow import (
     sample_time,
     velocity_target,
 )
-from reflow.losses import LPIPSLoss, default_huber_c, mse, pseudo_huber
+from reflow.losses import default_huber_c, mse, pseudo_huber
 from reflow.samplers import Field, euler
 
 

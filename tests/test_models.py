@@ -3,17 +3,9 @@
 import torch
 from diffusers.models.embeddings import LabelEmbedding, Timesteps
 
+from models.dit import build_dit, dit_epsilon, dit_velocity, load_dit, null_label
+from models.vae import build_vae, images_to_unit, unit_to_images
 from reflow.diffusion import DDPMObjective, drop_labels, make_ddpm_scheduler
-from reflow.models import (
-    build_dit,
-    build_vae,
-    dit_epsilon,
-    dit_velocity,
-    images_to_unit,
-    load_dit,
-    null_label,
-    unit_to_images,
-)
 from storage.checkpoints import save_model
 
 
@@ -99,7 +91,8 @@ def test_vae_shapes_and_image_range_round_trip():
 def test_missing_pretrained_vae_says_how_to_supply_it(tmp_path):
     import pytest
 
-    from reflow.models import ModelLoadError, load_vae
+    from models.dit import ModelLoadError
+    from models.vae import load_vae
 
     with pytest.raises(ModelLoadError) as err:
         load_vae("stabilityai/sd-vae-ft-ema-not-cached")

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from models.dit import TIME_SCALE
 from reflow.losses import mse
-from reflow.models import TIME_SCALE
 from reflow.rectified import OneStepDistillObjective, SegmentObjective
 
 

@@ -139,8 +139,8 @@ def test_generators_extractor_and_reference_never_share_an_image(repo):
 
 def test_stored_fid_equals_scipy_on_regenerated_samples(repo):
     """Regenerate one measured point (rf@2, seed 0, one Euler step) and compute its FID independently."""
+    from models.vae import load_vae
     from reflow.fid import FeatureNet, extract_features, frechet_distance
-    from reflow.models import load_vae
     from reflow.seeds import per_sample_noise, sample_seeds
     from stages.evaluate import generate_images
     from stages.generator import load_generator

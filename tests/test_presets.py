@@ -22,9 +22,10 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from ruamel.yaml import YAML
 
-from reflow.data import load_digits
+from imagedata.sources import load_digits
+from models.dit import DIT_SUBFOLDER, REFERENCE_NORM_EPS, build_dit, dit_epsilon, load_dit, null_label
+from models.vae import load_vae
 from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
-from reflow.models import DIT_SUBFOLDER, REFERENCE_NORM_EPS, build_dit, dit_epsilon, load_dit, load_vae, null_label
 from stages.params import load_params
 from training.loop import TrainConfig, make_accelerator, train
 
@@ -129,7 +130,7 @@ def test_released_dit_xl_layout_loads_through_load_dit(tmp_path):
 
 
 def test_missing_dit_folder_names_both_layouts(tmp_path):
-    from reflow.models import ModelLoadError
+    from models.dit import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="transformer/config.json"):
         load_dit(tmp_path)

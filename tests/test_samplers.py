@@ -254,7 +254,7 @@ def test_generation_precision_follows_compute_mixed_precision():
     """Pair generation and sampling follow compute.mixed_precision: fp32 untouched by "no", bf16 matmuls by "bf16"."""
     import types
 
-    from reflow.models import build_dit
+    from models.dit import build_dit
     from stages.common import generation_autocast
 
     model = build_dit(sample_size=8, in_channels=4, num_classes=10, patch_size=2, num_layers=1,

@@ -11,8 +11,8 @@ import pytest
 from stages.params import ParamsError, parse_params
 
 ROOT = Path(__file__).resolve().parents[2]
-CODE = sorted(p for d in ("reflow", "stages", "storage", "tasks", "flows", "training")
-              for p in (ROOT / d).rglob("*.py"))
+PACKAGES = ("imagedata", "models", "reflow", "stages", "storage", "tasks", "flows", "training")
+CODE = sorted(p for d in PACKAGES for p in (ROOT / d).rglob("*.py"))
 
 
 def code_lines():

@@ -1,4 +1,4 @@
-"""The networks: diffusers' DiT and AutoencoderKL, brought in line with the reference recipes.
+"""The DiT: diffusers' `DiTTransformer2DModel`, brought in line with the reference recipe.
 
 diffusers' `DiTTransformer2DModel` differs from facebookresearch/DiT in ways that matter for training
 from scratch and for importing released weights (STACK.md): no adaLN-Zero initialisation, a
@@ -18,7 +18,7 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers: a missing hub id otherwise retries ~25 s
 
-from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: E402
+from diffusers import DiTTransformer2DModel  # noqa: E402
 from diffusers.models.embeddings import LabelEmbedding, Timesteps  # noqa: E402
 
 # The network sees time as t * TIME_SCALE: DiT's sinusoidal embedding was built for steps 0..999.
@@ -31,9 +31,6 @@ class ModelLoadError(ValueError):
     """A model could not be loaded; the message says from where and how to supply it."""
 
 
-# ---------------------------------------------------------------------------------------------------------
-# DiT
-# ---------------------------------------------------------------------------------------------------------
 def _reference_fixes(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
     """Label dropout off (we drop labels ourselves, once per sample) and reference timestep frequencies."""
     for module in model.modules():
@@ -142,69 +139,6 @@ def dit_velocity(model: DiTTransformer2DModel, x: torch.Tensor, t: torch.Tensor,
     """Velocity prediction at time t in [0, 1] (t = 0 noise, t = 1 data); the network sees t * 999."""
     out = model(x, timestep=t * TIME_SCALE, class_labels=y).sample
     return out[:, : x.shape[1]]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# VAE
-# ---------------------------------------------------------------------------------------------------------
-def build_vae(
-    *, latent_channels: int, block_out_channels: list[int], layers_per_block: int, norm_num_groups: int,
-    seed: int = 0,
-) -> AutoencoderKL:
-    """A small AutoencoderKL; each block after the first halves the resolution."""
-    n = len(block_out_channels)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * n,
-            up_block_types=("UpDecoderBlock2D",) * n,
-            block_out_channels=tuple(block_out_channels),
-            layers_per_block=layers_per_block,
-            latent_channels=latent_channels,
-            norm_num_groups=norm_num_groups,
-            sample_size=32,
-        )
-
-
-def load_vae(pretrained: str | Path, subfolder: str | None = None) -> AutoencoderKL:
-    """An AutoencoderKL from a local diffusers folder or a hub id that is already in the local cache."""
-    local = Path(pretrained).expanduser()
-    try:
-        if local.exists():
-            return AutoencoderKL.from_pretrained(local, subfolder=subfolder)
-        return AutoencoderKL.from_pretrained(str(pretrained), subfolder=subfolder)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"vae.pretrained={pretrained!r}: could not load an AutoencoderKL ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0]}). This machine is offline: download the weights elsewhere "
-            "(e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema`), copy the folder here and set "
-            "vae.pretrained to its local path, or set vae.pretrained: null to train a small VAE."
-        ) from None
-
-
-def vae_downsampling(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def images_to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1], the range diffusers' VAEs expect."""
-    return images.float().div(127.5).sub(1.0)
-
-
-def unit_to_images(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
-
-
-@torch.inference_mode()
-def decode_latents(vae: AutoencoderKL, z: torch.Tensor, scale_factor: float, batch_size: int = 256):
-    """Scaled latents -> uint8 images, batched."""
-    out = []
-    for i in range(0, len(z), batch_size):
-        chunk = z[i : i + batch_size].to(vae.device, vae.dtype) / scale_factor
-        out.append(unit_to_images(vae.decode(chunk).sample.float()).cpu())
-    return torch.cat(out)
 
 
 def init_where_shapes_match(model: nn.Module, source: nn.Module) -> tuple[int, int]:

@@ -14,14 +14,12 @@ torchvision's `Resize(resolution)` + `CenterCrop(resolution)` do, with PIL's (an
 Transparent pixels are composited onto white, which is how image viewers show them; dropping the alpha
 channel instead would expose whatever colour the encoder left under fully transparent pixels.
 
-Also here: the fixed, class-stratified splits (train, the FID extractor's, the FID reference, the real-data
-floor), class-stratified draws, and the sample grids every stage writes.
+The splits and class-stratified draws are in `imagedata.splits`, the sample grids in `imagedata.grids`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -39,17 +37,11 @@ __all__ = [
     "load_image_folder",
     "load_npz",
     "load_source",
-    "make_grid",
-    "save_grid",
-    "class_grid_indices",
-    "split_dataset",
-    "stratified_sample",
 ]
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-GRID_PADDING = 2  # pixels between and around the tiles of a sample grid
 _MAX_LISTED = 20  # skipped files named in a warning before the rest are only counted
 
 
@@ -360,95 +352,3 @@ def load_source(
         loader = load_image_folder if source == "imagefolder" else load_npz
         return loader(path, resolution)
     raise DataError(f"unknown source {source!r}; expected one of 'digits', 'imagefolder', 'npz'")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Splits, stratified draws and sample grids
-# ---------------------------------------------------------------------------------------------------------
-
-
-def split_dataset(labels: np.ndarray, held_out: dict[str, float], seed: int) -> dict[str, np.ndarray]:
-    """Disjoint, class-stratified splits of indices: each named split in `held_out` and `"train"`, the rest.
-
-    Each class of n images gives each held-out split, in the order given, round-half-up(fraction * n) of
-    them, at least 1 while at least one image is left for training; so every class stays in training, and
-    a class too small for every split misses the last ones. Fixed for a seed; every index array sorted int64.
-    """
-    bad = {name: f for name, f in held_out.items() if not 0.0 < f < 1.0}
-    if bad or sum(held_out.values()) >= 1.0:
-        raise ValueError(f"held-out fractions must each be in (0, 1) and sum below 1, got {held_out}")
-    labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in (*held_out, "train")}
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        n, start = len(members), 0
-        for name, fraction in held_out.items():
-            room = n - start - 1  # keep one for training
-            k = min(max(1, math.floor(fraction * n + 0.5)), room) if room > 0 else 0
-            parts[name].append(members[start : start + k])
-            start += k
-        parts["train"].append(members[start:])
-    return {name: np.sort(np.concatenate(chunks)).astype(np.int64) for name, chunks in parts.items()}
-
-
-def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """`n` indices drawn without replacement, each class in proportion to its share (largest remainders),
-    in class-interleaved order: row r of a grid with one column per class shows the r-th draw of each."""
-    labels = np.asarray(labels)
-    if not 0 < n <= len(labels):
-        raise ValueError(f"cannot draw {n} of {len(labels)} images")
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * n / len(labels)
-    take = np.floor(quota).astype(int)
-    take[np.argsort(take - quota, kind="stable")[: n - take.sum()]] += 1
-    drawn = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in zip(classes, take, strict=True)]
-    order = sorted(((r, ci) for ci, d in enumerate(drawn) for r in range(len(d))))
-    return np.asarray([drawn[ci][r] for r, ci in order], dtype=np.int64)
-
-
-def class_grid_indices(labels: np.ndarray, rows: int, seed: int, max_classes: int = 16) -> tuple[np.ndarray, int]:
-    """Indices for a preview grid with one column per class (the first `max_classes`) and up to `rows`
-    images of each, drawn at random: (indices in row-major order, columns). Never the first rows of a
-    class-sorted set, which would show one class."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)[:max_classes]
-    columns = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    rows = min(rows, *(len(col) for col in columns))  # full rows only, so each column stays one class
-    return np.asarray([col[r] for r in range(rows) for col in columns], dtype=np.int64), len(classes)
-
-
-def make_grid(images: np.ndarray, nrow: int, *, pad_value: int = 255) -> np.ndarray:
-    """Tile uint8 N x 3 x H x W images, `nrow` per row, into one uint8 H' x W' x 3 picture.
-
-    Like torchvision's `make_grid`: 2 px of padding between and around the tiles, so
-    H' = rows * (H + 2) + 2 and W' = min(nrow, N) * (W + 2) + 2. The padding is white by default so the
-    tiles stay apart on dark images such as the white-on-black digits.
-    """
-    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != np.uint8 or len(images) == 0:
-        raise ValueError(
-            f"images must be non-empty uint8 N x 3 x H x W, got {images.dtype} with shape {images.shape}"
-        )
-    if nrow < 1:
-        raise ValueError(f"nrow must be >= 1, got {nrow}")
-    n, _, h, w = images.shape
-    cols = min(nrow, n)
-    rows = math.ceil(n / cols)
-    pad = GRID_PADDING
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), pad_value, dtype=np.uint8)
-    for i, image in enumerate(images):
-        top = pad + (i // cols) * (h + pad)
-        left = pad + (i % cols) * (w + pad)
-        grid[top : top + h, left : left + w] = image.transpose(1, 2, 0)
-    return grid
-
-
-def save_grid(images: np.ndarray, path: str | Path, nrow: int) -> None:
-    """Write `make_grid(images, nrow)` as a PNG at `path`, creating its folder."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(make_grid(images, nrow), "RGB").save(out, format="PNG")

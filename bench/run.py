@@ -47,7 +47,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the loops' progress bars would dro
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stages.params import Params, load_params, parse_params  # noqa: E402
+from runtime.params import Params, load_params, parse_params  # noqa: E402
 
 
 def peak_rss_mib() -> float:

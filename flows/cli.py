@@ -16,7 +16,7 @@ for _var, _value in (("DO_NOT_TRACK", "true"), ("PREFECT_SERVER_ANALYTICS_ENABLE
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from stages.params import ParamsError, load_params
+    from runtime.params import ParamsError, load_params
 
     try:
         load_params(args.file)
@@ -28,7 +28,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from stages.params import render_params
+    from runtime.params import render_params
 
     text = render_params()
     if not args.write:
@@ -39,13 +39,13 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     path = find_repo_root() / "params.yaml"
     atomic_write_text(path, text)  # a reader (DVC, a running stage) sees the old file or the new, never half
-    print(f"{path}: written from the defaults in stages/params.py")
+    print(f"{path}: written from the defaults in runtime/params.py")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline
-    from stages.params import ParamsError, load_params
+    from runtime.params import ParamsError, load_params
     from storage.repo import find_repo_root
 
     root = find_repo_root()
@@ -89,7 +89,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     # starts `cmd &` with SIGINT ignored, and Python would then never see Ctrl-C).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
-    from stages.params import load_params
+    from runtime.params import load_params
     from storage.repo import find_repo_root
     from storage.tracking import tracking_uri
 
@@ -136,9 +136,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from stages.common import generation_device
-    from stages.generator import GeneratorError, sample_grid
-    from stages.params import load_params
+    from runtime.devices import generation_device
+    from runtime.generator import GeneratorError, sample_grid
+    from runtime.params import load_params
     from storage.checkpoints import CheckpointError
     from storage.repo import find_repo_root
 
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="print params.yaml as the schema's defaults make it, every key with its comment")
     p.add_argument("--write", action="store_true",
-                   help="replace the repo's params.yaml with it (after changing a default in stages/params.py; "
+                   help="replace the repo's params.yaml with it (after changing a default in runtime/params.py; "
                         "edits made to params.yaml itself are lost)")
     p.set_defaults(func=cmd_params)
 

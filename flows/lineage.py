@@ -39,7 +39,7 @@ def _tracking(root: Path):
     """Only the `tracking` section of params.yaml: lineage must work while other sections are mid-edit."""
     from pydantic import ValidationError
 
-    from stages.params import ParamsError, TrackingParams, read_params_mapping
+    from runtime.params import ParamsError, TrackingParams, read_params_mapping
     from storage.records import LineageError
 
     path = root / "params.yaml"

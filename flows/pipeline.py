@@ -71,7 +71,7 @@ def pipeline(root: str = ".", targets: list[str] | None = None,
     """Run the DVC pipeline in `root` stage by stage, with lineage in MLflow."""
     import mlflow
 
-    from stages.params import load_params
+    from runtime.params import load_params
     from storage import tracking
     from storage.repo import git_state
 

@@ -11,7 +11,7 @@ def _size(path: Path) -> int:
 
 
 def print_summary(root: Path) -> None:
-    from stages.params import load_params
+    from runtime.params import load_params
     from storage.tracking import tracking_uri
 
     params = load_params(root / "params.yaml")

@@ -23,9 +23,12 @@ from reflow.rectified import OneStepDistillObjective, SegmentObjective, velocity
 from reflow.samplers import euler, time_grid
 from reflow.seeds import per_sample_noise, sample_seeds
 from reflow.seqrf import segment_endpoints, seqrf_sample, seqrf_sampler
-from stages.common import StageContext, StageSpec, generation_device, stage_main
-from stages.pairs import generate_pairs, segment_rows, segment_schema
-from stages.velocity import (
+from runtime.context import StageContext
+from runtime.devices import generation_device
+from runtime.main import stage_main
+from runtime.pairs import generate_pairs, segment_rows, segment_schema
+from runtime.spec import StageSpec
+from runtime.velocity import (
     evaluate_and_save,
     held_out_pairs,
     teacher_meta,

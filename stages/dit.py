@@ -10,7 +10,9 @@ import sys
 
 from models.dit import build_dit, load_dit, null_label
 from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
-from stages.common import StageContext, StageSpec, stage_main, train_config
+from runtime.context import StageContext, train_config
+from runtime.main import stage_main
+from runtime.spec import StageSpec
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
 from storage.faults import crash_point

@@ -34,8 +34,11 @@ from models.vae import decode_latents, load_vae
 from reflow.fid import INCEPTION, FeatureNet, classify, fid_features, register_classifier
 from reflow.intervals import MEASURES, Measured, Reference, SeedSet, measure_sets
 from reflow.seeds import per_sample_noise, sample_seeds
-from stages.common import StageContext, StageError, StageSpec, generation_autocast, generation_device, stage_main
-from stages.generator import Generator, load_generator
+from runtime.context import StageContext, StageError
+from runtime.devices import generation_autocast, generation_device
+from runtime.generator import Generator, load_generator
+from runtime.main import stage_main
+from runtime.spec import StageSpec
 from storage.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_npz
 from storage.datasets import open_dataset
 from storage.faults import crash_point

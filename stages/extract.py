@@ -12,7 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from models.vae import images_to_unit, load_vae
-from stages.common import StageContext, StageSpec, generation_device, stage_main
+from runtime.context import StageContext
+from runtime.devices import generation_device
+from runtime.main import stage_main
+from runtime.spec import StageSpec
 from storage.atomic import atomic_dir
 from storage.datasets import open_dataset, write_dataset
 

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from reflow.fid import FeatureNet, classifier_loss, classify
-from stages.common import StageContext, StageSpec, stage_main, train_config
+from runtime.context import StageContext, train_config
+from runtime.main import stage_main
+from runtime.spec import StageSpec
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
 from storage.faults import crash_point

@@ -19,7 +19,9 @@ import numpy as np
 from imagedata.splits import stratified_sample
 from reflow.fid import INCEPTION, FeatureNet, classify, fid_features, register_classifier
 from reflow.intervals import MEASURES, SMALL_SET_MAX, Reference, SeedSet, measure_sets
-from stages.common import StageContext, StageError, StageSpec, stage_main
+from runtime.context import StageContext, StageError
+from runtime.main import stage_main
+from runtime.spec import StageSpec
 from storage.atomic import atomic_dir, atomic_write_json, atomic_write_npz
 from storage.datasets import open_dataset
 from storage.hashing import file_sha256

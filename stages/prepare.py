@@ -19,7 +19,9 @@ import numpy as np
 from imagedata.grids import save_grid
 from imagedata.sources import load_source
 from imagedata.splits import class_grid_indices, split_dataset
-from stages.common import StageContext, StageSpec, stage_main
+from runtime.context import StageContext
+from runtime.main import stage_main
+from runtime.spec import StageSpec
 from storage.atomic import atomic_dir, atomic_write_json
 from storage.datasets import write_dataset
 

@@ -17,9 +17,12 @@ from models.dit import load_dit
 from reflow.rectified import velocity_field
 from reflow.samplers import solve
 from reflow.seeds import per_sample_noise, sample_seeds
-from stages.common import StageContext, StageSpec, generation_device, stage_main
-from stages.pairs import generate_pairs
-from stages.velocity import teacher_meta
+from runtime.context import StageContext
+from runtime.devices import generation_device
+from runtime.main import stage_main
+from runtime.pairs import generate_pairs
+from runtime.spec import StageSpec
+from runtime.velocity import teacher_meta
 from storage.atomic import atomic_dir
 from storage.datasets import open_dataset
 

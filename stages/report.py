@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from reflow.results import point_cell
-from stages.spec import StageSpec
+from runtime.spec import StageSpec
 from storage.atomic import atomic_dir
 
-if TYPE_CHECKING:  # stages.common pulls in torch and diffusers; `reflow results` and the summary need neither
-    from stages.common import StageContext
+if TYPE_CHECKING:  # runtime pulls in torch and diffusers; `reflow results` and the summary need neither
+    from runtime.context import StageContext
 
 SPEC = StageSpec(name="report", params=(), deps={"artifacts": "artifacts"}, outs={"report": "reports"},
                  note="last: depends on the whole artifacts/ folder, so it follows every stage")
@@ -214,7 +214,7 @@ def render(root: Path, evaluations: list, floor, plot_png: bytes, tracked: bool)
 
 def run(ctx: StageContext) -> dict:
     from reflow.results import COMPARISON_HEADER, load_evaluations, load_floor, results_table
-    from stages.common import StageError
+    from runtime.context import StageError
 
     evaluations = load_evaluations(ctx.root)
     if not evaluations:
@@ -235,7 +235,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def main() -> int:
-    from stages.common import stage_main
+    from runtime.main import stage_main
 
     return stage_main(SPEC, run)
 

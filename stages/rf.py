@@ -9,9 +9,10 @@ from __future__ import annotations
 import sys
 
 from reflow.rectified import RectifiedFlowObjective
-from stages.common import StageContext, StageSpec, stage_main
-from stages.reflow_pairs import previous_model
-from stages.velocity import (
+from runtime.context import StageContext
+from runtime.main import stage_main
+from runtime.spec import StageSpec
+from runtime.velocity import (
     evaluate_and_save,
     held_out_pairs,
     teacher_meta,
@@ -19,6 +20,7 @@ from stages.velocity import (
     training_rows,
     velocity_model_like,
 )
+from stages.reflow_pairs import previous_model
 
 
 def spec(k: int | str, model: str | None = None) -> StageSpec:

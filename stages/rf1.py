@@ -3,7 +3,7 @@
 `coupling: paired` (default) trains on the teacher's stored pairs (z0, z1): the flow learns the
 teacher's own noise-to-sample map, which is what makes the following reflow rounds meaningful.
 `coupling: independent` is classic 1-RF: real latents with fresh noise every step. Either way the
-model is measured on held-out teacher pairs (see stages/velocity.py).
+model is measured on held-out teacher pairs (see runtime/velocity.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from __future__ import annotations
 import sys
 
 from reflow.rectified import RectifiedFlowObjective
-from stages.common import StageContext, StageSpec, stage_main
-from stages.velocity import (
+from runtime.context import StageContext
+from runtime.main import stage_main
+from runtime.spec import StageSpec
+from runtime.velocity import (
     evaluate_and_save,
     held_out_pairs,
     teacher_meta,

@@ -13,8 +13,10 @@ import sys
 
 from reflow.rectified import SegmentObjective
 from reflow.seqrf import seqrf_sampler
-from stages.common import StageContext, StageSpec, stage_main
-from stages.velocity import (
+from runtime.context import StageContext
+from runtime.main import stage_main
+from runtime.spec import StageSpec
+from runtime.velocity import (
     evaluate_and_save,
     held_out_pairs,
     teacher_meta,

@@ -21,9 +21,12 @@ from reflow.rectified import velocity_field
 from reflow.samplers import euler_on_grid, time_grid
 from reflow.seeds import mix_seed, per_sample_noise, sample_seeds
 from reflow.seqrf import adaptive_boundaries, segment_endpoints, uniform_boundaries
-from stages.common import StageContext, StageSpec, generation_device, stage_main
-from stages.pairs import generate_pairs, segment_rows, segment_schema
-from stages.velocity import teacher_meta
+from runtime.context import StageContext
+from runtime.devices import generation_device
+from runtime.main import stage_main
+from runtime.pairs import generate_pairs, segment_rows, segment_schema
+from runtime.spec import StageSpec
+from runtime.velocity import teacher_meta
 from storage.atomic import atomic_dir
 from storage.datasets import open_dataset
 

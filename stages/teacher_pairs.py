@@ -19,9 +19,12 @@ from imagedata.grids import save_grid
 from models.dit import load_dit
 from models.vae import decode_latents, load_vae
 from reflow.seeds import per_sample_noise, sample_seeds
-from stages.common import StageContext, StageSpec, generation_device, stage_main
-from stages.generator import Generator
-from stages.pairs import generate_pairs
+from runtime.context import StageContext
+from runtime.devices import generation_device
+from runtime.generator import Generator
+from runtime.main import stage_main
+from runtime.pairs import generate_pairs
+from runtime.spec import StageSpec
 from storage.atomic import atomic_dir
 from storage.checkpoints import read_meta
 from storage.datasets import open_dataset

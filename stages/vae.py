@@ -13,7 +13,10 @@ import sys
 import torch
 
 from models.vae import VAEObjective, VAETraining, build_vae, latent_stats, load_vae, vae_downsampling
-from stages.common import StageContext, StageSpec, generation_device, stage_main, train_config
+from runtime.context import StageContext, train_config
+from runtime.devices import generation_device
+from runtime.main import stage_main
+from runtime.spec import StageSpec
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
 from storage.faults import crash_point

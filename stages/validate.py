@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from stages.params import ParamsError, load_params
-from stages.spec import StageSpec
+from runtime.params import ParamsError, load_params
+from runtime.spec import StageSpec
 from storage.atomic import atomic_dir, atomic_write_json
 from storage.repo import find_repo_root
 

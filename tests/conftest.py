@@ -24,7 +24,8 @@ for var, value in {
 os.environ.pop("PREFECT_API_URL", None)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "data", "imagedata", "models", "reflow", "stages", "storage", "tasks", "flows", "training")
+PROJECT_FILES = ("dvc.yaml", "data", "imagedata", "models", "reflow", "runtime", "stages", "storage", "tasks", "flows",
+                 "training")
 
 
 def git(root: Path, *args: str) -> None:

@@ -19,12 +19,12 @@ from dvc.repo import Repo
 
 from flows.cli import main
 from flows.dvc_yaml import code_closure, document, render, stale_diff
-from stages.params import SECTIONS, load_params
+from runtime.params import SECTIONS, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {s.name: s for s in Repo(str(ROOT)).index.stages}
 PARAMS = load_params(ROOT / "params.yaml")
-PACKAGES = ("imagedata", "models", "reflow", "stages", "storage", "tasks", "flows", "training")
+PACKAGES = ("imagedata", "models", "reflow", "runtime", "stages", "storage", "tasks", "flows", "training")
 
 
 def file_deps(stage):
@@ -104,11 +104,11 @@ def test_reflow_dvc_yaml_check_prints_the_diff_until_the_file_is_rewritten(tmp_p
     for name in PACKAGES:
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     current = (ROOT / "dvc.yaml").read_text()
-    (tmp_path / "dvc.yaml").write_text(current.replace("      - stages/common.py\n", "", 1))
+    (tmp_path / "dvc.yaml").write_text(current.replace("      - runtime/main.py\n", "", 1))
     monkeypatch.chdir(tmp_path)
     assert main(["dvc-yaml", "--check"]) == 1
     out, err = capsys.readouterr()
-    assert "+      - stages/common.py" in out and "run `reflow dvc-yaml`" in err
+    assert "+      - runtime/main.py" in out and "run `reflow dvc-yaml`" in err
     assert main(["dvc-yaml"]) == 0
     assert (tmp_path / "dvc.yaml").read_text() == current
     assert main(["dvc-yaml", "--check"]) == 0
@@ -174,9 +174,9 @@ def test_an_edit_to_the_losses_reruns_exactly_the_stages_that_import_them(copy_p
 
 @pytest.mark.e2e
 def test_an_edit_to_stages_common_reruns_every_stage_that_imports_it(copy_pipeline, tmp_path):
-    changed, closures = edited_status(copy_pipeline(tmp_path / "repo"), "stages/common.py")
-    assert changed == importers(closures, "stages/common.py")
-    assert changed == set(closures) - {"validate"}, "every stage but validate runs through stages.common"
+    changed, closures = edited_status(copy_pipeline(tmp_path / "repo"), "runtime/main.py")
+    assert changed == importers(closures, "runtime/main.py")
+    assert changed == set(closures) - {"validate"}, "every stage but validate runs through runtime.main"
 
 
 @pytest.mark.e2e

@@ -14,9 +14,9 @@ from imagedata.sources import load_digits
 from reflow.fid import FeatureNet, classify, extract_features, fid_features, frechet_distance, register_classifier
 from reflow.intervals import MEASURES, Reference, SeedSet, measure_sets
 from reflow.results import headline_comparisons, load_evaluations, ranking, results_table
+from runtime.generator import Generator, GeneratorError
+from runtime.params import EvalParams
 from stages.evaluate import flat_metrics, plan_points, summarise
-from stages.generator import Generator, GeneratorError
-from stages.params import EvalParams
 from stages.report import render, text_table
 from storage.atomic import atomic_write_npz
 

@@ -64,7 +64,7 @@ def dvc(root, *args: str) -> str:
 
 def log_stage_run(client, experiment_id: str, record, *, params: bool = True, parent: str | None = None,
                   **tags: str) -> str:
-    """An MLflow run tagged as `stages.common.stage_main` tags one (with params=False, as a driver run)."""
+    """An MLflow run tagged as `runtime.main.stage_main` tags one (with params=False, as a driver run)."""
     all_tags = {"reflow.stage": record.stage, "reflow.status": "executed" if params else "restored_from_run_cache"}
     all_tags |= {"mlflow.parentRunId": parent} if parent else {}
     all_tags |= {path_tag("input", p): h for p, h in record.deps.items()}

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from ruamel.yaml import YAML
 
 from flows.cli import main as reflow
-from stages.params import (
+from runtime.params import (
     SECTIONS,
     Params,
     ParamsError,
@@ -21,7 +21,7 @@ from stages.params import (
     read_params_mapping,
     render_params,
 )
-from stages.params_file import render_yaml, section_keys
+from runtime.params_file import render_yaml, section_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
@@ -193,7 +193,7 @@ def test_presets_spell_out_what_dvc_yaml_interpolates():
 # ---------------------------------------------------------------------------------------------------------
 def test_committed_params_yaml_is_the_rendered_schema():
     assert (ROOT / "params.yaml").read_text() == render_params(), (
-        "params.yaml differs from the defaults in stages/params.py: run `reflow params --write` and commit both")
+        "params.yaml differs from the defaults in runtime/params.py: run `reflow params --write` and commit both")
 
 
 def test_params_yaml_reads_back_as_the_schema_defaults_in_yaml_1_1_and_1_2():

@@ -142,8 +142,8 @@ def test_stored_fid_equals_scipy_on_regenerated_samples(repo):
     from models.vae import load_vae
     from reflow.fid import FeatureNet, extract_features, frechet_distance
     from reflow.seeds import per_sample_noise, sample_seeds
+    from runtime.generator import load_generator
     from stages.evaluate import generate_images
-    from stages.generator import load_generator
 
     results = json.loads((repo / "artifacts/evaluate@rf2/results.json").read_text())
     stored = next(p for p in results["points"] if p["steps"] == 1)["per_seed"][0]

@@ -26,7 +26,7 @@ from imagedata.sources import load_digits
 from models.dit import DIT_SUBFOLDER, REFERENCE_NORM_EPS, build_dit, dit_epsilon, load_dit, null_label
 from models.vae import load_vae
 from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
-from stages.params import load_params
+from runtime.params import load_params
 from training.loop import TrainConfig, make_accelerator, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_presets_validate_and_state_their_structure():
     assert "#   pretrained: models/DiT-XL-2-256" in text and "#   learn_sigma: true" in text
     raw = read_yaml(PRESETS["imagenet256"])
     raw["dit"] |= {"pretrained": "models/DiT-XL-2-256", "learn_sigma": True, "batch_size": 128}
-    from stages.params import parse_params
+    from runtime.params import parse_params
 
     assert parse_params(raw).dit.learn_sigma
 

@@ -255,7 +255,7 @@ def test_generation_precision_follows_compute_mixed_precision():
     import types
 
     from models.dit import build_dit
-    from stages.common import generation_autocast
+    from runtime.devices import generation_autocast
 
     model = build_dit(sample_size=8, in_channels=4, num_classes=10, patch_size=2, num_layers=1,
                       num_attention_heads=2, attention_head_dim=16, learn_sigma=False, seed=0).eval()

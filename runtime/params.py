@@ -6,7 +6,7 @@ errors (`extra="forbid"`): a misspelt knob silently falling back to its default 
 
 A field's default is the embedded CPU demo's value and its `description` the comment `params.yaml` shows
 next to it: the committed `params.yaml` is rendered from this module (`reflow params --write`, see
-stages/params_file.py), so a key left out of a params file or preset takes exactly the documented value.
+runtime/params_file.py), so a key left out of a params file or preset takes exactly the documented value.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 # Re-exported: stages and tools import them from here.
-from stages.params_file import ParamsError as ParamsError
-from stages.params_file import ParamsView as ParamsView
-from stages.params_file import read_params_mapping as read_params_mapping
-from stages.params_file import render_yaml, require_sections, validate_mapping
+from runtime.params_file import ParamsError as ParamsError
+from runtime.params_file import ParamsView as ParamsView
+from runtime.params_file import read_params_mapping as read_params_mapping
+from runtime.params_file import render_yaml, require_sections, validate_mapping
 
 
 class Strict(BaseModel):

@@ -15,7 +15,8 @@ from collections.abc import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from stages.common import StageContext, generation_autocast
+from runtime.context import StageContext
+from runtime.devices import generation_autocast
 from storage.sharded import ShardedWriter
 
 Schema = dict[str, tuple[tuple[int, ...], str]]

@@ -19,8 +19,8 @@ from models.vae import decode_latents, load_vae
 from reflow.metrics import Sampler, flow_errors
 from reflow.rectified import RectifiedFlowObjective, velocity_field
 from reflow.samplers import euler
-from stages.common import StageContext, train_config
-from stages.params import ComputeParams, VelocityTrainParams
+from runtime.context import StageContext, train_config
+from runtime.params import ComputeParams, VelocityTrainParams
 from storage.atomic import atomic_dir
 from storage.checkpoints import read_meta, save_model
 from storage.datasets import Dataset, open_dataset

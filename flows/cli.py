@@ -125,7 +125,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from stages.report import print_results
+    from measure.report import print_results
     from storage.repo import find_repo_root
 
     if args.runs:

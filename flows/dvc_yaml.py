@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 # The project's own packages: imports of anything else (torch, diffusers, ...) are not code deps.
-PACKAGES = ("imagedata", "models", "reflow", "runtime", "stages", "storage", "tasks", "flows", "training")
+PACKAGES = ("imagedata", "measure", "models", "reflow", "runtime", "stages", "storage", "tasks", "flows", "training")
 
 
 @dataclass(frozen=True)

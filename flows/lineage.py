@@ -30,7 +30,7 @@ def _number(value: float | None, signed: bool = False) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> str:
-    from stages.report import text_table
+    from measure.report import text_table
 
     return text_table(header, rows, indent=indent, rule=False)
 
@@ -238,7 +238,7 @@ def compare_report(root: Path, a: str, b: str) -> dict[str, Any]:
 
 def _evaluation(root: Path, source: Source, stage: str):
     """The evaluation `stage` made in `source`, read from DVC's cache by its output hash; None if absent."""
-    from reflow.results import evaluation_from_bytes
+    from measure.results import evaluation_from_bytes
     from storage.repo import output_file
 
     out_hash = source.records[stage].outs.get(f"artifacts/{stage}", "")
@@ -252,7 +252,7 @@ def evaluation_changes(root: Path, side_a: Source, side_b: Source, comparison) -
     """For every evaluate@ stage whose outputs differ: FID B - A at each point both measured, with its 95%
     interval (paired: both sides sample from the same per-sample noise against the same reference) and
     whether it is resolved or within noise."""
-    from reflow.results import paired_points, same_protocol, with_interval
+    from measure.results import paired_points, same_protocol, with_interval
 
     rows = []
     for d in comparison.stages:
@@ -341,8 +341,8 @@ def _headline_value(records: Records, key: str, nfe, measure: str) -> float | No
 def runs_report(root: Path, names: list[str], measure: str = "fid") -> dict[str, Any]:
     """Every evaluated point and headline difference over training replicates: per-run values and the
     interval over runs (Student t, ddof = 1), which covers training and sampling variance together."""
-    from reflow.intervals import over_runs
-    from reflow.results import HEADLINES
+    from measure.intervals import over_runs
+    from measure.results import HEADLINES
     from storage.ancestry import _differing as differing_keys
     from storage.records import load_source
 
@@ -372,7 +372,7 @@ def runs_report(root: Path, names: list[str], measure: str = "fid") -> dict[str,
 
 
 def _print_runs(report: dict[str, Any]) -> None:
-    from reflow.results import with_interval
+    from measure.results import with_interval
 
     runs = ", ".join(_side(r) for r in report["runs"])
     print(f"{report['measure']} over {len(report['runs'])} training replicates ({runs}); ± is the 95% interval over "

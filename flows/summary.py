@@ -29,8 +29,8 @@ def print_summary(root: Path) -> None:
         values = json.loads(m.read_text())
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         print(f"  {m.stem:14s} {shown}")
-    from reflow.results import load_evaluations, load_floor, results_table
-    from stages.report import text_table
+    from measure.report import text_table
+    from measure.results import load_evaluations, load_floor, results_table
 
     evaluations = load_evaluations(root)
     if evaluations:

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from imagedata.grids import save_grid
+from measure.metrics import Sampler, flow_errors
 from models.dit import build_dit, init_where_shapes_match, load_dit
 from models.vae import decode_latents, load_vae
-from reflow.metrics import Sampler, flow_errors
 from reflow.rectified import RectifiedFlowObjective, velocity_field
 from reflow.samplers import euler
 from runtime.context import StageContext, train_config
@@ -90,7 +90,7 @@ def evaluate_and_save(ctx: StageContext, p: VelocityTrainParams, result: TrainRe
 
     `move_in` maps names in the output directory to finished paths (e.g. generated pairs in the scratch
     area) that become part of the output in the same atomic rename. `sampler` is the model's own way
-    of taking n steps (reflow.metrics.Sampler). Only the main process evaluates and saves; the others,
+    of taking n steps (measure.metrics.Sampler). Only the main process evaluates and saves; the others,
     done with their share of the training, return no metrics.
     """
     if not ctx.is_main:

@@ -1,6 +1,6 @@
 """`fid_features`: the in-project FID feature extractor and class-consistency judge.
 
-A small classifier (`reflow.fid.FeatureNet`) fitted on the `features` split of `prepare`, which neither the
+A small classifier (`measure.fid.FeatureNet`) fitted on the `features` split of `prepare`, which neither the
 generators nor the FID reference use (an extractor fitted on the reference would make the reference's features
 in-sample and every generated set's out-of-sample); its accuracy is measured on the `floor` split, which it
 never saw. The content hash of its weights names it wherever FID numbers are stored, so numbers made with
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import torch
 
-from reflow.fid import FeatureNet, classifier_loss, classify
+from measure.fid import FeatureNet, classifier_loss, classify
 from runtime.context import StageContext, train_config
 from runtime.main import stage_main
 from runtime.spec import StageSpec

@@ -17,8 +17,8 @@ import sys
 import numpy as np
 
 from imagedata.splits import stratified_sample
-from reflow.fid import INCEPTION, FeatureNet, classify, fid_features, register_classifier
-from reflow.intervals import MEASURES, SMALL_SET_MAX, Reference, SeedSet, measure_sets
+from measure.fid import INCEPTION, FeatureNet, classify, fid_features, register_classifier
+from measure.intervals import MEASURES, SMALL_SET_MAX, Reference, SeedSet, measure_sets
 from runtime.context import StageContext, StageError
 from runtime.main import stage_main
 from runtime.spec import StageSpec
@@ -92,7 +92,7 @@ def run(ctx: StageContext) -> dict:
                   "stratified": "each class in proportion to its share of the floor split",
                   "comparable": n == p.num_samples},
         "intervals": "95%: estimate ± t · sqrt(spread over seeds / S + split-half variance of the reference), "
-                     f"{p.reference_splits} class-stratified splits (reflow/intervals.py, docs/evaluation.md)",
+                     f"{p.reference_splits} class-stratified splits (measure/intervals.py, docs/evaluation.md)",
         "kid": ("unbiased MMD^2 over all samples and all reference images, cubic polynomial kernel"
                 if max(p.num_samples, len(reference.features)) ** 2 <= SMALL_SET_MAX else
                 "torch-fidelity's KID: 100 subsets of "

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.dvc_yaml import PACKAGES
+
 _PREFECT_HOME = tempfile.mkdtemp(prefix="reflow-prefect-")
 for var, value in {
     "PREFECT_HOME": _PREFECT_HOME,
@@ -24,8 +26,7 @@ for var, value in {
 os.environ.pop("PREFECT_API_URL", None)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "data", "imagedata", "models", "reflow", "runtime", "stages", "storage", "tasks", "flows",
-                 "training")
+PROJECT_FILES = ("dvc.yaml", "data", *PACKAGES)
 
 
 def git(root: Path, *args: str) -> None:

@@ -18,13 +18,12 @@ from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 
 from flows.cli import main
-from flows.dvc_yaml import code_closure, document, render, stale_diff
+from flows.dvc_yaml import PACKAGES, code_closure, document, render, stale_diff
 from runtime.params import SECTIONS, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {s.name: s for s in Repo(str(ROOT)).index.stages}
 PARAMS = load_params(ROOT / "params.yaml")
-PACKAGES = ("imagedata", "models", "reflow", "runtime", "stages", "storage", "tasks", "flows", "training")
 
 
 def file_deps(stage):

@@ -11,13 +11,13 @@ import torch
 
 from imagedata.grids import save_grid
 from imagedata.sources import load_digits
-from reflow.fid import FeatureNet, classify, extract_features, fid_features, frechet_distance, register_classifier
-from reflow.intervals import MEASURES, Reference, SeedSet, measure_sets
-from reflow.results import headline_comparisons, load_evaluations, ranking, results_table
+from measure.evaluation import flat_metrics, plan_points, summarise
+from measure.fid import FeatureNet, classify, extract_features, fid_features, frechet_distance, register_classifier
+from measure.intervals import MEASURES, Reference, SeedSet, measure_sets
+from measure.report import render, text_table
+from measure.results import headline_comparisons, load_evaluations, ranking, results_table
 from runtime.generator import Generator, GeneratorError
 from runtime.params import EvalParams
-from stages.evaluate import flat_metrics, plan_points, summarise
-from stages.report import render, text_table
 from storage.atomic import atomic_write_npz
 
 

@@ -6,7 +6,7 @@ import torch
 
 from imagedata.sources import load_digits
 from imagedata.splits import split_dataset
-from reflow.fid import (
+from measure.fid import (
     FeatureNet,
     classifier_loss,
     classify,
@@ -15,7 +15,7 @@ from reflow.fid import (
     frechet_distance,
     register_classifier,
 )
-from reflow.intervals import Reference, SeedSet, measure_sets
+from measure.intervals import Reference, SeedSet, measure_sets
 from training.loop import TrainConfig, make_accelerator, train
 
 

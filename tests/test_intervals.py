@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import reflow.intervals as intervals
-from reflow.intervals import (
+import measure.intervals as intervals
+from measure.intervals import (
     MEASURES,
     Interval,
     Measured,

@@ -139,11 +139,11 @@ def test_generators_extractor_and_reference_never_share_an_image(repo):
 
 def test_stored_fid_equals_scipy_on_regenerated_samples(repo):
     """Regenerate one measured point (rf@2, seed 0, one Euler step) and compute its FID independently."""
+    from measure.evaluation import generate_images
+    from measure.fid import FeatureNet, extract_features, frechet_distance
     from models.vae import load_vae
-    from reflow.fid import FeatureNet, extract_features, frechet_distance
     from reflow.seeds import per_sample_noise, sample_seeds
     from runtime.generator import load_generator
-    from stages.evaluate import generate_images
 
     results = json.loads((repo / "artifacts/evaluate@rf2/results.json").read_text())
     stored = next(p for p in results["points"] if p["steps"] == 1)["per_seed"][0]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from flows.dvc_yaml import PACKAGES
 from runtime.params import ParamsError, parse_params
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("imagedata", "models", "reflow", "runtime", "stages", "storage", "tasks", "flows", "training")
 CODE = sorted(p for d in PACKAGES for p in (ROOT / d).rglob("*.py"))
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from reflow.intervals import t_interval
+from measure.intervals import t_interval
 from reflow.samplers import Field, SampleResult, euler, straightness
 
 Sampler = Callable[[Field, torch.Tensor, int], SampleResult]  # (field, z0, nfe budget) -> sample

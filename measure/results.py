@@ -3,7 +3,7 @@
 Read by the `report` stage, `reflow results` and `reflow compare`. Each `artifacts/evaluate@<key>/` holds
 `results.json` (estimates, intervals, protocol) and `replicates.npz` (the leave-one-out replicates of every
 measure at every point); `artifacts/fid_reference/floor.npz` holds the real-data floor's. A difference
-between two points is computed from their replicates (`reflow.intervals.difference`), paired where they
+between two points is computed from their replicates (`measure.intervals.difference`), paired where they
 share the noise, and labelled resolved or within noise.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from reflow.intervals import MEASURES, Interval, Measured, difference
+from measure.intervals import MEASURES, Interval, Measured, difference
 
 TEACHER = "artifacts/dit"
 # The comparisons the pipeline exists to make, by evaluate_models key: (label, (key, NFE), (key, NFE or "best")).

@@ -163,7 +163,7 @@ def fid_features(images: np.ndarray, *, extractor: str, inception_weights: str |
 
     `extractor` is a name from `register_classifier` or `INCEPTION`, which needs `inception_weights`: the
     local path of torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` (nothing is downloaded).
-    FID, KID, precision and recall are computed from these features by `reflow.intervals`, whose numbers
+    FID, KID, precision and recall are computed from these features by `measure.intervals`, whose numbers
     equal torch-fidelity's own metric functions on them (tests/test_intervals.py).
     """
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset

@@ -50,6 +50,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 _REQUIRED_ATTRS = ("kind", "schema_version", "producer", "params_hash", "content_hash", "n_rows")
+HasKey = Callable[[str], bool]  # whether a remote store holds a key
 
 
 def _hash_header(h: Any, name: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
@@ -250,6 +251,69 @@ def _row_shape_matches(found: tuple[int, ...], expected: tuple[int, ...]) -> boo
     return len(found) == len(expected) and all(e == -1 or f == e for f, e in zip(found, expected, strict=True))
 
 
+def _locate(
+    path: str | Path, storage_options: Mapping[str, Any] | None
+) -> tuple[Path | _Remote, str | Path, HasKey | None]:
+    """(location, the path errors name, a key-existence test for remote stores) after checking that a zarr v3
+    group is there. Locally `has_key` is None: shard files are checked on the filesystem instead."""
+    loc = _location(path, storage_options)
+    if isinstance(loc, _Remote):
+        keys = loc.keys()
+        if not keys:
+            raise _err(loc.url, "does not exist (nothing at that URL); expected a zarr dataset written there")
+        if "zarr.json" not in keys:
+            raise _err(loc.url, "is not a zarr v3 group (no zarr.json); expected a dataset written there")
+        return loc, loc.url, keys.__contains__
+    if not loc.exists():
+        raise _err(loc, "does not exist; expected a zarr dataset directory (has its stage run?)")
+    if not loc.is_dir() or not (loc / "zarr.json").is_file():
+        raise _err(loc, "is not a zarr v3 group (no zarr.json); expected a dataset directory")
+    return loc, loc, None
+
+
+def _check_attrs(path: str | Path, attrs: Mapping[str, Any], kind: str | None) -> None:
+    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        hint = (" (an unfinished ShardedWriter output, or an interrupted write to a URL, has no content_hash)"
+                if "content_hash" in missing else "")
+        raise _err(path, f"group attrs missing {missing}; expected all of {list(_REQUIRED_ATTRS)}{hint}")
+    if attrs["schema_version"] != SCHEMA_VERSION:
+        raise _err(
+            path,
+            f"schema_version {attrs['schema_version']!r} found, expected {SCHEMA_VERSION}; "
+            "re-run the producing stage with this code version",
+        )
+    if kind is not None and attrs["kind"] != kind:
+        raise _err(path, f"kind {attrs['kind']!r} found, expected {kind!r}")
+
+
+def _open_arrays(path: str | Path, group: zarr.Group) -> dict[str, zarr.Array]:
+    try:
+        arrays = dict(group.arrays())
+    except Exception as e:  # a URL's storage failing mid-way; locally, damaged array metadata
+        raise _err(path, f"cannot open its arrays ({type(e).__name__}: {e})") from e
+    if not arrays:
+        raise _err(path, "contains no arrays; expected at least one")
+    return arrays
+
+
+def _check_shapes(
+    path: str | Path, arrays: Mapping[str, zarr.Array], n_rows: Any, expect: Mapping[str, tuple[int, ...]] | None
+) -> None:
+    """Every array has `n_rows` rows, and each array named in `expect` is there with its row shape."""
+    rows = {name: int(a.shape[0]) if a.ndim else None for name, a in arrays.items()}
+    if any(r is None for r in rows.values()) or len(set(rows.values())) != 1:
+        raise _err(path, f"arrays disagree on n_rows (first dimension): {rows}; expected one common value")
+    if next(iter(rows.values())) != n_rows:
+        raise _err(path, f"arrays have {next(iter(rows.values()))} rows but attrs n_rows is {n_rows}")
+    for name, row_shape in (expect or {}).items():
+        if name not in arrays:
+            raise _err(path, f"expected array {name!r} missing; it has {sorted(arrays)}")
+        found = tuple(int(d) for d in arrays[name].shape[1:])
+        if not _row_shape_matches(found, tuple(row_shape)):
+            raise _err(path, f"array {name!r} row shape {found} found, expected {tuple(row_shape)} (-1 = any size)")
+
+
 def open_dataset(
     path: str | Path,
     *,
@@ -266,57 +330,15 @@ def open_dataset(
     ``verify=True`` also re-reads everything and checks the content hash (every chunk's crc32c is
     checked on the way).
     """
-    loc = _location(path, storage_options)
-    has_key: Callable[[str], bool] | None = None
-    if isinstance(loc, _Remote):
-        path, keys = loc.url, loc.keys()
-        has_key = keys.__contains__
-        if not keys:
-            raise _err(path, "does not exist (nothing at that URL); expected a zarr dataset written there")
-        if "zarr.json" not in keys:
-            raise _err(path, "is not a zarr v3 group (no zarr.json); expected a dataset written there")
-    else:
-        path = loc
-        if not path.exists():
-            raise _err(path, "does not exist; expected a zarr dataset directory (has its stage run?)")
-        if not path.is_dir() or not (path / "zarr.json").is_file():
-            raise _err(path, "is not a zarr v3 group (no zarr.json); expected a dataset directory")
+    loc, path, has_key = _locate(path, storage_options)
     group = _open_store_group(loc, "r")
     attrs = dict(group.attrs)
-    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
-    if missing:
-        hint = (" (an unfinished ShardedWriter output, or an interrupted write to a URL, has no content_hash)"
-                if "content_hash" in missing else "")
-        raise _err(path, f"group attrs missing {missing}; expected all of {list(_REQUIRED_ATTRS)}{hint}")
-    if attrs["schema_version"] != SCHEMA_VERSION:
-        raise _err(
-            path,
-            f"schema_version {attrs['schema_version']!r} found, expected {SCHEMA_VERSION}; "
-            "re-run the producing stage with this code version",
-        )
-    if kind is not None and attrs["kind"] != kind:
-        raise _err(path, f"kind {attrs['kind']!r} found, expected {kind!r}")
-    try:
-        arrays = dict(group.arrays())
-    except Exception as e:  # a URL's storage failing mid-way; locally, damaged array metadata
-        raise _err(path, f"cannot open its arrays ({type(e).__name__}: {e})") from e
-    if not arrays:
-        raise _err(path, "contains no arrays; expected at least one")
-    rows = {name: int(a.shape[0]) if a.ndim else None for name, a in arrays.items()}
-    if any(r is None for r in rows.values()) or len(set(rows.values())) != 1:
-        raise _err(path, f"arrays disagree on n_rows (first dimension): {rows}; expected one common value")
-    if next(iter(rows.values())) != attrs["n_rows"]:
-        raise _err(path, f"arrays have {next(iter(rows.values()))} rows but attrs n_rows is {attrs['n_rows']}")
-    for name, row_shape in (expect or {}).items():
-        if name not in arrays:
-            raise _err(path, f"expected array {name!r} missing; it has {sorted(arrays)}")
-        found = tuple(int(d) for d in arrays[name].shape[1:])
-        if not _row_shape_matches(found, tuple(row_shape)):
-            raise _err(path, f"array {name!r} row shape {found} found, expected {tuple(row_shape)} (-1 = any size)")
+    _check_attrs(path, attrs, kind)
+    arrays = _open_arrays(path, group)
+    _check_shapes(path, arrays, attrs["n_rows"], expect)
     for name, arr in arrays.items():
         _check_complete(path, name, arr, has_key)
     ds = Dataset(path, attrs, arrays)
     if verify:
         ds.verify()
     return ds
-

@@ -84,6 +84,108 @@ def no_crash_point(name: str) -> None:
     """The default crash hook: nothing happens at any point."""
 
 
+def _prepare(
+    model: nn.Module, cfg: TrainConfig, accelerator: Accelerator, resume: ResumeStore | None
+) -> tuple[nn.Module, torch.optim.Optimizer, EMAModel, int]:
+    """The optimiser and EMA for `model`, restored from `resume`'s checkpoint if there is one, with the model
+    and optimiser handed to accelerate; and the step to start from."""
+    device = accelerator.device
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
+    model.to(device)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    start = 0
+    state = resume.load() if resume is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        start = int(state["step"])
+    ema.to(device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, ema, start
+
+
+def _loss(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, step: int, rank: int, cfg: TrainConfig,
+    accelerator: Accelerator, desc: str,
+) -> torch.Tensor:
+    """The loss of one step, its noise from a generator seeded by (seed, step, rank); a non-finite loss stops
+    training before it reaches the weights."""
+    generator = torch.Generator(device=accelerator.device).manual_seed(mix_seed(cfg.seed, step, rank, 1))
+    with accelerator.autocast():
+        loss = loss_fn(model, batch, generator, step)
+    if not torch.isfinite(loss.detach()).item():
+        raise NonFiniteLossError(
+            f"{desc}: loss is {loss.item()} at step {step}; stopped. The last checkpoint "
+            f"(step {(step // cfg.checkpoint_every) * cfg.checkpoint_every}) is intact: lower the "
+            "learning rate or enable grad_clip and rerun to resume from it."
+        )
+    return loss
+
+
+def _update(
+    model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer, ema: EMAModel,
+    accelerator: Accelerator, grad_clip: float | None,
+) -> None:
+    """Backward, clip, optimiser step, then the EMA from the new weights."""
+    accelerator.backward(loss)
+    if grad_clip is not None:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema.step(accelerator.unwrap_model(model).parameters())
+
+
+class _LogWindow:
+    """The steps since the last log line. Losses are summed on the device, so that reading them (a host sync)
+    happens once per log line, not once per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss, self.steps, self.t0 = torch.zeros((), device=device), 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss.detach().float()
+        self.steps += 1
+
+    def summary(self, accelerator: Accelerator, global_batch: int) -> tuple[float, float]:
+        """(mean loss over the window and every process, images/s of the window)."""
+        mean_loss = accelerator.reduce(self.loss, "mean").item() / self.steps
+        elapsed = time.perf_counter() - self.t0
+        return mean_loss, self.steps * global_batch / max(elapsed, 1e-9)
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.steps, self.t0 = 0, time.perf_counter()
+
+
+def _save_checkpoint(
+    resume: ResumeStore | None, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+    ema: EMAModel, step: int,
+) -> None:
+    if resume is not None and accelerator.is_main_process:
+        resume.save({
+            "model": accelerator.unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict(),
+            "step": step,
+        })
+    accelerator.wait_for_everyone()
+
+
+def _result(
+    accelerator: Accelerator, model: nn.Module, ema: EMAModel, last_loss: float, images_per_s: float, start: int
+) -> TrainResult:
+    """The raw model and a copy holding the EMA weights, both in eval mode."""
+    raw = accelerator.unwrap_model(model)
+    ema_model = copy.deepcopy(raw)
+    ema.copy_to(ema_model.parameters())
+    raw.eval()
+    ema_model.eval()
+    return TrainResult(raw, ema_model, last_loss, images_per_s, start)
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -103,79 +205,32 @@ def train(
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     source = (InMemorySource(data, cfg.seed) if isinstance(data, dict) else data).to(device)
-
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
-    )
-    model.to(device)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
-    start = 0
-    state = resume.load() if resume is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        start = int(state["step"])
-    ema.to(device)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, ema, start = _prepare(model, cfg, accelerator, resume)
 
     global_batch = cfg.batch_size * world
-    window_loss, window_steps, window_t0 = torch.zeros((), device=device), 0, time.perf_counter()
+    window = _LogWindow(device)
     last_loss, images_per_s = float("nan"), 0.0
-
-    def checkpoint(step: int) -> None:
-        if resume is not None and accelerator.is_main_process:
-            resume.save({
-                "model": accelerator.unwrap_model(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "ema": ema.state_dict(),
-                "step": step,
-            })
-        accelerator.wait_for_everyone()
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", mininterval=1.0,
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in range(start, cfg.steps):
         batch = source.batch(step, global_batch, rank, cfg.batch_size)
-        generator = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, step, rank, 1))
-        with accelerator.autocast():
-            loss = loss_fn(model, batch, generator, step)
-        if not torch.isfinite(loss.detach()).item():
-            raise NonFiniteLossError(
-                f"{desc}: loss is {loss.item()} at step {step}; stopped. The last checkpoint "
-                f"(step {(step // cfg.checkpoint_every) * cfg.checkpoint_every}) is intact: lower the "
-                "learning rate or enable grad_clip and rerun to resume from it."
-            )
-        accelerator.backward(loss)
-        if cfg.grad_clip is not None:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(accelerator.unwrap_model(model).parameters())
+        loss = _loss(model, loss_fn, batch, step, rank, cfg, accelerator, desc)
+        _update(model, loss, optimizer, ema, accelerator, cfg.grad_clip)
         crash_point("train_step")
-        window_loss += loss.detach().float()
-        window_steps += 1
+        window.add(loss)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            last_loss = accelerator.reduce(window_loss, "mean").item() / window_steps
-            elapsed = time.perf_counter() - window_t0
-            images_per_s = window_steps * global_batch / max(elapsed, 1e-9)
+            last_loss, images_per_s = window.summary(accelerator, global_batch)
             if log is not None and accelerator.is_main_process:
                 log({"loss": last_loss, "images_per_s": images_per_s, "lr": cfg.lr}, done)
             bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.0f}")
-            window_loss.zero_()
-            window_steps, window_t0 = 0, time.perf_counter()
+            window.reset()
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            checkpoint(done)
+            _save_checkpoint(resume, accelerator, model, optimizer, ema, done)
         bar.update(1)
     bar.close()
     if start < cfg.steps:
-        checkpoint(cfg.steps)
-
-    raw = accelerator.unwrap_model(model)
-    ema_model = copy.deepcopy(raw)
-    ema.copy_to(ema_model.parameters())
-    raw.eval()
-    ema_model.eval()
-    return TrainResult(raw, ema_model, last_loss, images_per_s, start)
+        _save_checkpoint(resume, accelerator, model, optimizer, ema, cfg.steps)
+    return _result(accelerator, model, ema, last_loss, images_per_s, start)

@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: install demo test lint bench repo clean-artifacts
 
-# torch first and with pip: 2.14.1 + 0.29.1 come from this machine's disk (STACK.md); uv/poetry would download.
+# torch first and with pip: 2.14.1 + 0.29.1 come from this machine's disk; uv/poetry would download.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

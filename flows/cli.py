@@ -129,7 +129,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     from storage.repo import find_repo_root
 
     if args.runs:
-        from flows.lineage import cmd_runs
+        from flows.compare import cmd_runs
 
         return cmd_runs(args)
     return print_results(find_repo_root(), args.measure)
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the teacher's for the DiT, none for the rest)")
     p.add_argument("--seed", type=int, default=0, help="base of the per-sample seeds")
-    p.add_argument("--vae", default=None, help="VAE folder (default artifacts/vae)")
+    p.add_argument("--vae", default=None, help="VAE folder (default artifacts/vae/vae)")
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
 

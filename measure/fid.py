@@ -21,6 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+CLASSIFIER_SUBFOLDER = "classifier"  # artifacts/fid_features/classifier/: config beside weights
 INCEPTION = "inception-v3-compat"
 FEATURES = "features"
 LOGITS = "logits"

@@ -2,26 +2,26 @@
 
 `z1_teacher` are the teacher's many-step results from the same noise `z0`, so the error of an N-step
 sample is the distance from where the teacher would have gone: the number distillation and reflow
-are meant to shrink. Straightness is METHOD.md's E ∫ ||(X1 - X0) - v(X_t, t)||^2 dt along the model's
+are meant to shrink. Straightness is docs/method.md's (section 9) E ∫ ||(X1 - X0) - v(X_t, t)||^2 dt along the model's
 own Euler path (0 for a perfectly straight flow).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from measure.intervals import t_interval
-from reflow.samplers import Field, SampleResult, euler, straightness
+from reflow.samplers import Euler, Field, Solver, straightness
 
-Sampler = Callable[[Field, torch.Tensor, int], SampleResult]  # (field, z0, nfe budget) -> sample
+EULER = Euler()
 
 
 @torch.inference_mode()
 def flow_errors(
     field: Field, z0: torch.Tensor, z1_teacher: torch.Tensor, *, steps: Sequence[int] = (1, 2, 4),
-    straightness_steps: int = 16, batch_size: int = 256, sampler: Sampler = euler,
+    straightness_steps: int = 16, batch_size: int = 256, sampler: Solver = EULER,
 ) -> dict[str, float]:
     """{'error_<n>_step': mean squared error per dimension, 'nfe_<n>_step': evaluations, 'straightness'},
     each mean with its 95% interval over the pairs (`<name>_low`, `<name>_high`; the pairs are independent).

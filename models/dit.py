@@ -1,7 +1,7 @@
 """The DiT: diffusers' `DiTTransformer2DModel`, brought in line with the reference recipe.
 
 diffusers' `DiTTransformer2DModel` differs from facebookresearch/DiT in ways that matter for training
-from scratch and for importing released weights (STACK.md): no adaLN-Zero initialisation, a
+from scratch and for importing released weights: no adaLN-Zero initialisation, a
 per-block label embedder with a hard-coded 10% dropout, and timestep frequencies divided by 127
 instead of 128. `build_dit` and `load_dit` are the only ways this project makes a DiT, and both
 apply `_reference_fixes`, so a saved and reloaded model behaves exactly as the one trained.
@@ -24,7 +24,7 @@ from diffusers.models.embeddings import LabelEmbedding, Timesteps  # noqa: E402
 # The network sees time as t * TIME_SCALE: DiT's sinusoidal embedding was built for steps 0..999.
 TIME_SCALE = 999.0
 REFERENCE_NORM_EPS = 1e-6  # facebookresearch/DiT's LayerNorm epsilon (diffusers defaults to 1e-5)
-DIT_SUBFOLDER = "transformer"  # where a diffusers DiTPipeline folder keeps its DiT
+DIT_SUBFOLDER = "transformer"  # where a diffusers DiTPipeline folder keeps its DiT, and every stage its DiT
 
 
 class ModelLoadError(ValueError):

@@ -37,6 +37,9 @@ def build_vae(
         )
 
 
+VAE_SUBFOLDER = "vae"  # artifacts/vae/vae/: the model folder inside the stage's output, config beside weights
+
+
 def load_vae(pretrained: str | Path, subfolder: str | None = None) -> AutoencoderKL:
     """An AutoencoderKL from a local diffusers folder or a hub id that is already in the local cache."""
     local = Path(pretrained).expanduser()

@@ -1,7 +1,8 @@
 """Distances between a prediction and its target: MSE and pseudo-Huber (LPIPS lives in `models/lpips.py`).
 
 These and `LPIPSLoss` return a scalar averaged over the batch. Their scales differ: `mse` averages over
-every dimension (METHOD.md: SeqRF summed over pixels, which changes what a learning rate means),
+every dimension (docs/method.md, "Loss scale": SeqRF summed over pixels, which changes what a learning
+rate means),
 `pseudo_huber` works on the per-sample Euclidean norm as in the consistency-model literature, and
 `LPIPSLoss` compares decoded images through a frozen feature network.
 """
@@ -9,6 +10,7 @@ every dimension (METHOD.md: SeqRF summed over pixels, which changes what a learn
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -40,3 +42,13 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float | None = None) -> Tensor:
     squared_norm = (a - b).pow(2).flatten(1).sum(dim=1)
     return (squared_norm / (torch.sqrt(squared_norm + c * c) + c)).mean()
 
+
+Distance = Callable[[Tensor, Tensor], Tensor]
+LOSSES: dict[str, Distance] = {"mse": mse, "pseudo_huber": pseudo_huber}
+
+
+def distance(name: str) -> Distance:
+    """The loss called `name` in params (`mse` or `pseudo_huber`); any other name is an error, never a fallback."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+    return LOSSES[name]

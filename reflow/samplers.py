@@ -1,10 +1,13 @@
 """Every ODE integration in the project: Euler, Heun, RK45, DDIM, straightness (per-sample noise: reflow.seeds).
 
-One module, so that every stage counts network evaluations (NFE) the same honest way (METHOD.md):
-a `Field` counts its own calls, classifier-free guidance counts twice per call, Euler with N steps is N
-evaluations, Heun with N steps is 2N - 1 (EDM's Heun: the last step is plain Euler), and RK45 reports
-what the adaptive solver actually spent. Time runs from noise (`t = 0`) to data (`t = 1`).
+One module, so that every stage counts network evaluations (NFE) the same honest way (docs/method.md,
+"Samplers and counting evaluations"): a `Field` counts its own calls, classifier-free guidance counts
+twice per call, Euler with N steps is N evaluations, Heun with N steps is 2N - 1 (EDM's Heun: the last
+step is plain Euler), and RK45 reports what the adaptive solver actually spent. Time runs from noise
+(`t = 0`) to data (`t = 1`).
 
+Solvers are objects, each called as `solver(field, z0, steps)`; `solver(name)` builds the one a params
+section names.
 The samplers run under `torch.no_grad()`: they produce pairs, samples and metrics, never gradients.
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Protocol
 
 import torch
 import torchdiffeq
@@ -111,96 +114,89 @@ def euler_on_grid(field: Field, z0: Tensor, times: Sequence[float], *, return_tr
     return SampleResult(x, field.nfe - nfe_before, trajectory)
 
 
-def euler(
-    field: Field,
-    z0: Tensor,
-    steps: int,
-    *,
-    t_start: float = 0.0,
-    t_end: float = 1.0,
-    return_trajectory: bool = False,
-) -> SampleResult:
-    """Euler with `steps` equal steps from `t_start` to `t_end`: `steps` evaluations."""
-    times = time_grid(t_start, t_end, steps)
-    return euler_on_grid(field, z0, times, return_trajectory=return_trajectory)
+class Solver(Protocol):
+    """`solver(field, z0, steps, t_start=0, t_end=1)`: integrate `field` from `z0` at `t_start` to `t_end`."""
+
+    name: str
+
+    def __call__(self, field: Field, z0: Tensor, steps: int | None, *, t_start: float = 0.0, t_end: float = 1.0,
+                 return_trajectory: bool = False) -> SampleResult: ...
 
 
-@torch.no_grad()
-def heun(
-    field: Field,
-    z0: Tensor,
-    steps: int,
-    *,
-    t_start: float = 0.0,
-    t_end: float = 1.0,
-    return_trajectory: bool = False,
-) -> SampleResult:
+class Euler:
+    """Euler with `steps` equal steps: `steps` evaluations."""
+
+    name = "euler"
+
+    def __call__(self, field: Field, z0: Tensor, steps: int | None, *, t_start: float = 0.0, t_end: float = 1.0,
+                 return_trajectory: bool = False) -> SampleResult:
+        return euler_on_grid(field, z0, time_grid(t_start, t_end, _steps(self.name, steps)),
+                             return_trajectory=return_trajectory)
+
+
+class Heun:
     """Heun's second-order method as in EDM: `2 * steps - 1` evaluations.
 
     Every step but the last averages the slopes at both ends (trapezoid); the last step is Euler, as in
-    EDM's sampler, so the NFE matches the count the literature reports. Exact for velocities linear in
-    `t` on all but the last step; second order overall.
+    EDM's sampler, so the NFE matches the count the literature reports.
     """
-    times = time_grid(t_start, t_end, steps)
-    nfe_before, x = field.nfe, z0
-    trajectory = [(times[0], x)] if return_trajectory else None
-    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
-        h = t_next - t
-        d = field(x, t)
-        x_euler = x + h * d
-        x = x_euler if i == steps - 1 else x + 0.5 * h * (d + field(x_euler, t_next))
-        if trajectory is not None:
-            trajectory.append((t_next, x))
-    return SampleResult(x, field.nfe - nfe_before, trajectory)
+
+    name = "heun"
+
+    @torch.no_grad()
+    def __call__(self, field: Field, z0: Tensor, steps: int | None, *, t_start: float = 0.0, t_end: float = 1.0,
+                 return_trajectory: bool = False) -> SampleResult:
+        times = time_grid(t_start, t_end, _steps(self.name, steps))
+        nfe_before, x = field.nfe, z0
+        trajectory = [(times[0], x)] if return_trajectory else None
+        for i, (t, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
+            h = t_next - t
+            d = field(x, t)
+            x_euler = x + h * d
+            x = x_euler if i == len(times) - 2 else x + 0.5 * h * (d + field(x_euler, t_next))
+            if trajectory is not None:
+                trajectory.append((t_next, x))
+        return SampleResult(x, field.nfe - nfe_before, trajectory)
 
 
-@torch.no_grad()
-def rk45(
-    field: Field,
-    z0: Tensor,
-    *,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    t_start: float = 0.0,
-    t_end: float = 1.0,
-    return_trajectory: bool = False,
-) -> SampleResult:
-    """Adaptive Dormand-Prince RK45 (torchdiffeq `dopri5`) with the stated tolerances.
+@dataclass(frozen=True)
+class RK45:
+    """Adaptive Dormand-Prince RK45 (torchdiffeq `dopri5`) to relative and absolute tolerances; `steps` is
+    ignored. NFE is what the solver spent; a trajectory holds only the two end points."""
 
-    NFE is whatever the solver spent, read from the field's counter. The trajectory, if asked for,
-    holds only the two end points (the solver's internal steps are not exposed).
-    """
-    nfe_before = field.nfe
-    t_span = torch.tensor([t_start, t_end], dtype=torch.promote_types(z0.dtype, torch.float32), device=z0.device)
-    x = torchdiffeq.odeint(lambda t, x: field(x, t), z0, t_span, rtol=rtol, atol=atol, method="dopri5")[-1]
-    trajectory = [(float(t_start), z0), (float(t_end), x)] if return_trajectory else None
-    return SampleResult(x, field.nfe - nfe_before, trajectory)
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    name = "rk45"
+
+    @torch.no_grad()
+    def __call__(self, field: Field, z0: Tensor, steps: int | None = None, *, t_start: float = 0.0,
+                 t_end: float = 1.0, return_trajectory: bool = False) -> SampleResult:
+        nfe_before = field.nfe
+        span = torch.tensor([t_start, t_end], dtype=torch.promote_types(z0.dtype, torch.float32), device=z0.device)
+        x = torchdiffeq.odeint(lambda t, x: field(x, t), z0, span, rtol=self.rtol, atol=self.atol,
+                               method="dopri5")[-1]
+        trajectory = [(float(t_start), z0), (float(t_end), x)] if return_trajectory else None
+        return SampleResult(x, field.nfe - nfe_before, trajectory)
 
 
-def solve(
-    field: Field,
-    z0: Tensor,
-    *,
-    solver: Literal["euler", "heun", "rk45"],
-    steps: int | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    t_start: float = 0.0,
-    t_end: float = 1.0,
-    return_trajectory: bool = False,
-) -> SampleResult:
-    """Integrate `field` from `z0` at `t_start` to `t_end` with the named solver.
-
-    `steps` is required for `euler` and `heun` and ignored by `rk45` (which uses `rtol`, `atol`).
-    """
-    span = {"t_start": t_start, "t_end": t_end, "return_trajectory": return_trajectory}
-    if solver == "rk45":
-        return rk45(field, z0, rtol=rtol, atol=atol, **span)
-    if solver not in ("euler", "heun"):
-        raise ValueError(f"unknown solver {solver!r}; expected 'euler', 'heun' or 'rk45'")
+def _steps(name: str, steps: int | None) -> int:
     if steps is None or steps < 1:
-        raise ValueError(f"solver {solver!r} needs steps >= 1, got {steps}")
-    return (euler if solver == "euler" else heun)(field, z0, steps, **span)
+        raise ValueError(f"solver {name!r} needs steps >= 1, got {steps}")
+    return steps
+
+
+SOLVERS = ("euler", "heun", "rk45")
+
+
+def solver(name: str, *, rtol: float = 1e-5, atol: float = 1e-5) -> Solver:
+    """The ODE solver a params section names; `rtol`, `atol` are RK45's. Any other name is an error."""
+    if name == "euler":
+        return Euler()
+    if name == "heun":
+        return Heun()
+    if name == "rk45":
+        return RK45(rtol, atol)
+    raise ValueError(f"unknown solver {name!r}; expected one of {list(SOLVERS)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,7 +212,7 @@ def ddim_scheduler(
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
 ) -> DDIMScheduler:
-    """diffusers' DDIM scheduler with the settings METHOD.md fixes for latents, timesteps set.
+    """diffusers' DDIM scheduler with the settings docs/method.md (section 3) fixes for latents, timesteps set.
 
     `timestep_spacing="trailing"` starts at t = 999 (pure noise; "leading" starts at 981 and never sees
     the noise level `z0` has). `clip_sample=False`: latents are not in [-1, 1].
@@ -239,18 +235,10 @@ def ddim_scheduler(
     return scheduler
 
 
-@torch.no_grad()
-def ddim(
-    eps_field: Field,
-    z0: Tensor,
-    *,
-    steps: int,
-    num_train_timesteps: int = 1000,
-    beta_schedule: str = "linear",
-    beta_start: float = 1e-4,
-    beta_end: float = 0.02,
-) -> SampleResult:
-    """Deterministic DDIM (eta = 0) from noise `z0 = x_T` to a clean sample, `steps` evaluations.
+@dataclass(frozen=True)
+class DDIM:
+    """Deterministic DDIM (eta = 0) from noise `z0 = x_T` to a clean sample, `steps` evaluations, on the
+    teacher's DDPM schedule (the fields below).
 
     `eps_field(x, timesteps)` gets the scheduler's integer timesteps (0..999) as a float tensor `[B]`.
     The schedule (timesteps, alpha_bar) is diffusers' `DDIMScheduler`; the update is DDIM's eq. (12)
@@ -259,23 +247,28 @@ def ddim(
     divide `num_train_timesteps` (e.g. 16 steps: the last step would end at t = 0, not at the data).
     Here the previous timestep is the next entry of the schedule, and -1 (alpha_bar = 1) after the last.
     """
-    scheduler = ddim_scheduler(
-        steps,
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule=beta_schedule,
-        beta_start=beta_start,
-        beta_end=beta_end,
-    )
-    alpha_bar = scheduler.alphas_cumprod.to(torch.float64)
-    timesteps = scheduler.timesteps.tolist()
-    nfe_before, x = eps_field.nfe, z0
-    for i, t in enumerate(timesteps):
-        a_t = alpha_bar[t].item()
-        a_prev = alpha_bar[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
-        eps = eps_field(x, float(t))
-        x0_pred = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-        x = a_prev**0.5 * x0_pred + (1 - a_prev) ** 0.5 * eps
-    return SampleResult(x, eps_field.nfe - nfe_before)
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    name = "ddim"
+
+    @torch.no_grad()
+    def __call__(self, eps_field: Field, z0: Tensor, steps: int | None, **_) -> SampleResult:
+        scheduler = ddim_scheduler(_steps(self.name, steps), num_train_timesteps=self.num_train_timesteps,
+                                   beta_schedule=self.beta_schedule, beta_start=self.beta_start,
+                                   beta_end=self.beta_end)
+        alpha_bar = scheduler.alphas_cumprod.to(torch.float64)
+        timesteps = scheduler.timesteps.tolist()
+        nfe_before, x = eps_field.nfe, z0
+        for i, t in enumerate(timesteps):
+            a_t = alpha_bar[t].item()
+            a_prev = alpha_bar[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
+            eps = eps_field(x, float(t))
+            x0_pred = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+            x = a_prev**0.5 * x0_pred + (1 - a_prev) ** 0.5 * eps
+        return SampleResult(x, eps_field.nfe - nfe_before)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,3 +75,8 @@ def per_sample_noise(
     seeds = seeds.tolist() if isinstance(seeds, Tensor) else list(seeds)
     rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
     return torch.stack(rows) if rows else torch.empty((0, *shape), dtype=dtype)
+
+
+def balanced_labels(start: int, stop: int, num_classes: int) -> np.ndarray:
+    """Sample i gets class i mod K: every shard is class-balanced and labels need no RNG."""
+    return np.arange(start, stop, dtype=np.int64) % num_classes

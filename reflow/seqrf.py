@@ -1,20 +1,27 @@
-"""Sequential Rectified Flow: split [0, 1] into K segments and straighten each one separately.
+"""Sequential Rectified Flow (Yoon et al. 2024): split [0, 1] into K segments and straighten each one.
 
-Time runs from noise (`t = 0`) to data (`t = 1`), as everywhere in this project (SeqRF's own code runs
-the other way). Boundaries are `t_0 = 0 < t_1 < ... < t_K = 1`.
+All of SeqRF is here (docs/method.md, section 6): the boundaries (uniform, or chosen by a dynamic program
+over a fine trajectory), the segment endpoints a flow carries, the per-segment objective, and the sampler
+(Euler inside each segment). Time runs from noise (`t = 0`) to data (`t = 1`), as everywhere in this
+project (SeqRF's own code runs the other way). Boundaries are `t_0 = 0 < t_1 < ... < t_K = 1`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import overload
+from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from reflow.flow import interpolate
+from models.dit import dit_velocity
+from reflow.diffusion import drop_labels
+from reflow.losses import distance
+from reflow.rectified import interpolate, sample_time
 from reflow.samplers import Field, SampleResult, euler_on_grid, time_grid
+from reflow.segments import steps_problem
 
 
 def uniform_boundaries(k: int) -> list[float]:
@@ -79,6 +86,27 @@ def adaptive_boundaries(trajectory_x: Tensor, times: Tensor, k: int) -> list[flo
     return [float(times[i]) for i in reversed(indices)]
 
 
+def trajectory_boundaries(field: Field, z0: Tensor, grid: Sequence[float], k: int) -> list[float]:
+    """Adaptive boundaries from the flow's own fine Euler trajectory on `grid` from `z0` (a probe batch)."""
+    with torch.inference_mode():
+        trajectory = euler_on_grid(field, z0, grid, return_trajectory=True).trajectory
+    return adaptive_boundaries(torch.stack([x.float().cpu() for _, x in trajectory]),
+                               torch.tensor(grid, dtype=torch.float64), k)
+
+
+def snap_to_grid(boundaries: Sequence[float], teacher_steps: int) -> list[int]:
+    """Each boundary as an index into the fine grid `time_grid(0, 1, teacher_steps)`, strictly increasing.
+
+    Uniform boundaries that do not fall on the grid are moved to the nearest grid point, so every
+    segment is integrated on whole teacher steps; the recorded boundaries are the snapped ones.
+    """
+    idx = [round(b * teacher_steps) for b in boundaries]
+    if any(b >= a for a, b in zip(idx[1:], idx[:-1], strict=True)):
+        raise ValueError(f"boundaries {boundaries} collapse on a grid of {teacher_steps} steps; "
+                         "raise seqrf.teacher_steps or lower seqrf.segments")
+    return idx
+
+
 @overload
 def segment_of(t: float, boundaries: Sequence[float]) -> int: ...
 @overload
@@ -112,31 +140,24 @@ def segment_train_example(
     return interpolate(x_ti, x_tj, u), t_i + u * (t_j - t_i), (x_tj - x_ti) / width
 
 
-def seqrf_sample(
-    field: Field,
-    z0: Tensor,
-    boundaries: Sequence[float],
-    *,
-    steps_per_segment: int = 1,
-    return_trajectory: bool = False,
-) -> SampleResult:
-    """Euler through each segment with `steps_per_segment` equal steps: K * steps_per_segment evals."""
-    times = [float(boundaries[0])]
-    for t_i, t_j in zip(boundaries[:-1], boundaries[1:], strict=True):
-        times += time_grid(t_i, t_j, steps_per_segment)[1:]
-    return euler_on_grid(field, z0, times, return_trajectory=return_trajectory)
+@dataclass(frozen=True)
+class Segmented:
+    """The SeqRF sampler, a solver like the others: `steps / K` equal Euler steps inside each segment, so
+    `steps` (a multiple of K) evaluations."""
 
+    boundaries: tuple[float, ...]
+    name = "euler"
 
-def seqrf_sampler(boundaries: Sequence[float]) -> Callable[[Field, Tensor, int], SampleResult]:
-    """`(field, z0, n) -> sample` with `n / K` Euler steps per segment; `n` must be a multiple of K."""
-    k = len(boundaries) - 1
-
-    def sample(field: Field, z0: Tensor, n: int) -> SampleResult:
-        if n % k:
-            raise ValueError(f"a model with {k} segments samples with a multiple of {k} steps, not {n}")
-        return seqrf_sample(field, z0, boundaries, steps_per_segment=n // k)
-
-    return sample
+    def __call__(self, field: Field, z0: Tensor, steps: int | None, *, return_trajectory: bool = False,
+                 **_) -> SampleResult:
+        k = len(self.boundaries) - 1
+        problem = steps_problem(steps or 0, k)
+        if problem:
+            raise ValueError(problem)
+        times = [float(self.boundaries[0])]
+        for t_i, t_j in zip(self.boundaries[:-1], self.boundaries[1:], strict=True):
+            times += time_grid(t_i, t_j, steps // k)[1:]
+        return euler_on_grid(field, z0, times, return_trajectory=return_trajectory)
 
 
 def segment_endpoints(
@@ -165,3 +186,30 @@ def segment_endpoints(
             starts[rows] = x.to(starts.dtype)
         ends[rows] = euler_on_grid(field, x, segment_times[int(s)]).x.to(ends.dtype)
     return starts, ends
+
+
+class SegmentObjective:
+    """Inside a stored segment `[t_start, t_end]`, regress the chord slope (the segment's straight line).
+
+    The batch holds `x_start`, `x_end` (a flow carried from one to the other), `t_start`, `t_end` and
+    `label`; `u` is drawn from the time distribution and mapped into the segment. With `one_step`, `u = 0`:
+    the model learns the single Euler step across the segment from its start (SeqRF's distillation).
+    """
+
+    def __init__(self, *, null_label: int, label_dropout: float = 0.1,
+                 time_distribution: Literal["uniform", "logit_normal"] = "uniform", time_eps: float = 1e-3,
+                 loss: str = "mse", one_step: bool = False):
+        self.null_label, self.label_dropout, self.distance = null_label, label_dropout, distance(loss)
+        self.time_distribution, self.time_eps, self.one_step = time_distribution, time_eps, one_step
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator, step: int) -> Tensor:
+        x_start, x_end = batch["x_start"], batch["x_end"]
+        y = drop_labels(batch["label"], self.label_dropout, self.null_label, generator)
+        # u in [0, 1 - eps]: the segment's start point is always seen, its end (the next segment's start) never.
+        if self.one_step:
+            u = torch.zeros(len(x_start), device=x_start.device)
+        else:
+            u = 1 - sample_time(len(x_start), distribution=self.time_distribution, eps=self.time_eps,
+                                generator=generator, device=x_start.device)
+        x_u, t, target = segment_train_example(x_start, x_end, batch["t_start"], batch["t_end"], u)
+        return self.distance(dit_velocity(model, x_u, t.to(x_u.dtype), y), target)

@@ -17,11 +17,14 @@ import torch
 
 from models.dit import dit_epsilon, load_dit
 from reflow.rectified import velocity_field
-from reflow.samplers import SampleResult, ddim, guided, solve, straightness
-from reflow.seqrf import seqrf_sample
+from reflow.samplers import DDIM, SampleResult, guided, straightness
+from reflow.samplers import SOLVERS as VELOCITY_SOLVERS
+from reflow.samplers import solver as solver_named
+from reflow.segments import steps_problem
+from reflow.seqrf import Segmented
 from storage.checkpoints import read_meta
 
-SOLVERS = ("euler", "heun", "rk45", "ddim")
+SOLVERS = (*VELOCITY_SOLVERS, "ddim")
 
 
 class GeneratorError(ValueError):
@@ -42,7 +45,7 @@ class Generator:
 
     @property
     def solvers(self) -> tuple[str, ...]:
-        return ("ddim",) if self.kind == "epsilon" else ("euler", "heun", "rk45")
+        return ("ddim",) if self.kind == "epsilon" else VELOCITY_SOLVERS
 
     def unsupported(self, solver: str, steps: int) -> str | None:
         """Why `solver` with `steps` steps is not a way to sample this model, or None when it is."""
@@ -52,12 +55,7 @@ class Generator:
             return "a segmented model samples with Euler inside each segment"
         if solver == "rk45":
             return None
-        if steps < 1:
-            return f"steps must be >= 1, got {steps}"
-        k = len(self.boundaries) - 1 if self.boundaries else 1
-        if steps % k:
-            return f"a model with {k} segments takes a multiple of {k} steps, not {steps}"
-        return None
+        return steps_problem(steps, len(self.boundaries) - 1 if self.boundaries else 1)
 
     @torch.inference_mode()
     def sample(self, z0: torch.Tensor, y: torch.Tensor, *, steps: int, solver: str,
@@ -71,14 +69,11 @@ class Generator:
         null = self.meta["null_label"]
         if self.kind == "epsilon":
             field = guided(lambda x, t, c: dit_epsilon(self.model, x, t, c), y, null_label=null, scale=scale)
-            return ddim(field, z0, steps=steps, **self.meta["ddpm"])
+            return DDIM(**self.meta["ddpm"])(field, z0, steps)
         field = velocity_field(self.model, y, null_label=null, guidance=scale)
         if self.boundaries:
-            k = len(self.boundaries) - 1
-            if solver != "euler":
-                raise GeneratorError(f"{self.path}: a segmented model samples with Euler inside each segment")
-            return seqrf_sample(field, z0, self.boundaries, steps_per_segment=steps // k)
-        return solve(field, z0, solver=solver, steps=steps, rtol=tolerance, atol=tolerance)
+            return Segmented(tuple(self.boundaries))(field, z0, steps)
+        return solver_named(solver, rtol=tolerance, atol=tolerance)(field, z0, steps)
 
     @torch.inference_mode()
     def straightness(self, z0: torch.Tensor, y: torch.Tensor, *, steps: int,
@@ -97,7 +92,7 @@ class Generator:
 
 
 def model_folder(path: str | Path) -> Path:
-    """The diffusers folder of a model artifact: `artifacts/dit` itself, `artifacts/<stage>/transformer` else."""
+    """The DiT folder of a stage's artifact (`artifacts/<stage>/transformer`), or a model folder given as is."""
     path = Path(path)
     return path / "transformer" if (path / "transformer" / "config.json").is_file() else path
 
@@ -131,7 +126,7 @@ def sample_grid(root: Path, model: str, *, steps: int, solver: str | None = None
     import numpy as np
 
     from imagedata.grids import save_grid
-    from models.vae import decode_latents, load_vae
+    from models.vae import VAE_SUBFOLDER, decode_latents, load_vae
     from reflow.seeds import per_sample_noise, sample_seeds
     from storage.datasets import open_dataset
 
@@ -150,7 +145,7 @@ def sample_grid(root: Path, model: str, *, steps: int, solver: str | None = None
     z0 = per_sample_noise(sample_seeds(seed, 0, n), tuple(gen.meta["latent_shape"]))
     gen.to(device)
     res = gen.sample(z0.to(device), torch.from_numpy(labels).to(device), steps=steps, solver=solver, guidance=guidance)
-    vae_dir = Path(vae) if vae else root / "artifacts" / "vae"
+    vae_dir = Path(vae) if vae else root / "artifacts" / "vae" / VAE_SUBFOLDER
     images = decode_latents(load_vae(vae_dir).to(device).eval(), res.x.float(), gen.meta["scale_factor"]).numpy()
     save_grid(images, out, nrow=min(num_classes, 16) if label is None else int(np.ceil(np.sqrt(n))))
     return {"model": str(gen.path), "kind": gen.kind, "solver": solver, "steps": steps, "nfe": res.nfe,

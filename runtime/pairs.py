@@ -1,4 +1,5 @@
-"""Generating a coupling shard by shard: the loop shared by `teacher_pairs`, `reflow_pairs@k`, `seqrf_pairs`.
+"""Generating a coupling shard by shard: the loop shared by every pair stage (`teacher_pairs`, `reflow_pairs@k`,
+`seqrf_pairs`, `distill_pairs`).
 
 Rows are produced by `make_batch(start, stop)` from per-sample seeds, so any shard can be regenerated
 bit for bit. Finished shards live in the stage's scratch directory; a rerun after a kill regenerates
@@ -11,22 +12,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from runtime.context import StageContext
 from runtime.devices import generation_autocast
+from storage.atomic import atomic_dir
 from storage.sharded import ShardedWriter
 
 Schema = dict[str, tuple[tuple[int, ...], str]]
 BatchFn = Callable[[int, int], dict[str, np.ndarray]]
 
 
+def pair_schema(shape: tuple[int, ...]) -> Schema:
+    """The columns of a coupling: noise, its end point, the label and the row's seed."""
+    return {"z0": (shape, "float32"), "z1": (shape, "float32"), "label": ((), "int64"), "seed": ((), "int64")}
+
+
 def segment_schema(shape: tuple[int, ...]) -> Schema:
-    """The columns of a SeqRF segment coupling (`seqrf_pairs`, per-segment `distill`), label and seed aside."""
+    """The columns of a SeqRF segment coupling (`seqrf_pairs`, per-segment `distill_pairs`) with label and seed."""
     return {"x_start": (shape, "float32"), "x_end": (shape, "float32"), "t_start": ((), "float32"),
-            "t_end": ((), "float32"), "segment": ((), "int64")}
+            "t_end": ((), "float32"), "segment": ((), "int64"), "label": ((), "int64"), "seed": ((), "int64")}
 
 
 def segment_rows(x_start, x_end, segment: np.ndarray, boundaries: list[float]) -> dict[str, np.ndarray]:
@@ -38,12 +46,13 @@ def segment_rows(x_start, x_end, segment: np.ndarray, boundaries: list[float]) -
 
 def generate_pairs(
     ctx: StageContext, *, n_rows: int, shard_rows: int, batch_size: int, schema: Schema, attrs: dict,
-    make_batch: BatchFn, desc: str,
-) -> tuple[ShardedWriter, dict[str, float]]:
-    """Write every shard of `n_rows` rows into the scratch area; returns the complete writer and throughput.
+    make_batch: BatchFn, desc: str, out: Path, also: Callable[[Path], None] | None = None,
+) -> dict[str, float]:
+    """Write every shard of `n_rows` rows into the scratch area, then the dataset into `out/pairs.zarr`.
 
-    In every process of the stage: each generates its share of the unfinished shards, and all return once
-    every shard is on disk. Only the main process may then `finalize` the writer (into the output).
+    In every process of the stage: each generates its share of the unfinished shards, and all wait until
+    every shard is on disk. The main process then writes the output in one atomic rename, with whatever
+    `also(folder)` adds beside the pairs. Returns the throughput.
     """
     writer = ShardedWriter(ctx.scratch / "pairs.zarr", n_rows=n_rows, shard_rows=shard_rows, schema=schema,
                            kind="pairs", attrs=attrs, **ctx.attrs())
@@ -75,4 +84,9 @@ def generate_pairs(
     stats = {"pairs": float(n_rows), "generated_this_run": float(todo)}
     if todo:
         stats["pairs_per_s"] = todo / elapsed
-    return writer, stats
+    if ctx.is_main:  # the other processes wrote their shards; the main one writes the output
+        with atomic_dir(out) as tmp:
+            writer.finalize(tmp / "pairs.zarr")
+            if also is not None:
+                also(tmp)
+    return stats

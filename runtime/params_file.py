@@ -1,10 +1,10 @@
 """`params.yaml` around its schema: read as YAML 1.2, its problems reported by key path, rendered from the
 schema's defaults, and seen by a stage through the sections it declared.
 
-The schema (stages/params.py) is the one definition of every key, its default and its meaning. The committed
+The schema (runtime/params.py) is the one definition of every key, its default and its meaning. The committed
 `params.yaml` is rendered from it by `render_yaml` (`reflow params --write`), so the file a user reads and copies
 shows exactly the values a key left out of a params file takes. This module knows YAML and pydantic, not the
-sections: stages/params.py binds it to its `Params`.
+sections: runtime/params.py binds it to its `Params`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from ruamel.yaml import YAML, YAMLError
 
 HEADER = """\
 # The embedded CPU default: scikit-learn's handwritten digits at 32x32, end to end in minutes on 2 cores.
-# Every key is validated (stages/params.py): unknown keys and out-of-range values are errors.
+# Every key is validated (runtime/params.py): unknown keys and out-of-range values are errors.
 # Presets for other sizes live in presets/; `reflow validate presets/<file>.yaml` checks one.
-# Rendered from the defaults in stages/params.py by `reflow params --write`: change a default there, not here.
+# Rendered from the defaults in runtime/params.py by `reflow params --write`: change a default there, not here.
 """
 COMMENT_COLUMN = 27  # where a key's comment starts, so the file reads as a table
 
@@ -87,7 +87,7 @@ def require_sections(raw: dict[str, Any], sections: Iterable[str], path: Path) -
 def _describe(err: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "<top level>"
     if err["type"] == "extra_forbidden":
-        return f"{key}: unknown key (value {err['input']!r}); allowed keys are listed in stages/params.py"
+        return f"{key}: unknown key (value {err['input']!r}); allowed keys are listed in runtime/params.py"
     value = err.get("input")
     shown = "missing" if err["type"] == "missing" else repr(value)
     if isinstance(value, dict) and err["type"].startswith("value_error"):

@@ -1,4 +1,9 @@
-"""What the velocity-model stages (`rf1`, `rf@k`) share: model construction, training and evaluation.
+"""The one recipe of the velocity-model stages (`rf1`, `rf@k`, `seqrf`, `distill`): `velocity_stage`.
+
+Each of them trains a DiT with a velocity head, shaped like the teacher and initialised from a model of
+the chain, on its own data with its own objective; then measures it and saves it. What differs between
+them are the arguments: the data, the objective (`reflow.rectified`, `reflow.seqrf`, `reflow.distill`),
+the model it starts from, the student's size and the sampler it is measured with.
 
 Every velocity model is measured the same way, on the same held-out teacher pairs (the last
 `eval_samples` rows of `teacher_pairs`, never trained on by `rf1`), so the metrics of 1-RF, k-RF and
@@ -8,17 +13,16 @@ and straightness.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from imagedata.grids import save_grid
-from measure.metrics import Sampler, flow_errors
-from models.dit import build_dit, init_where_shapes_match, load_dit
-from models.vae import decode_latents, load_vae
-from reflow.rectified import RectifiedFlowObjective, velocity_field
-from reflow.samplers import euler
+from measure.metrics import EULER, flow_errors
+from models.dit import DIT_SUBFOLDER, build_dit, init_where_shapes_match, load_dit
+from models.vae import VAE_SUBFOLDER, decode_latents, load_vae
+from reflow.rectified import velocity_field
+from reflow.samplers import Solver
 from runtime.context import StageContext, train_config
 from runtime.params import ComputeParams, VelocityTrainParams
 from storage.atomic import atomic_dir
@@ -27,7 +31,7 @@ from storage.datasets import Dataset, open_dataset
 from storage.faults import crash_point
 from storage.resume import FileResume
 from training.loader import BatchSource, as_tensor, batch_source
-from training.loop import TrainResult, make_accelerator, train
+from training.loop import LossFn, TrainResult, make_accelerator, train
 
 
 def _pairs(path, meta: dict, names) -> Dataset:
@@ -75,7 +79,7 @@ def velocity_model_like(teacher_dir, *, init_from=None, seed: int = 0, num_layer
 
 def train_velocity(ctx: StageContext, p: VelocityTrainParams, compute: ComputeParams, model,
                    data: dict | BatchSource,
-                   objective: RectifiedFlowObjective, desc: str) -> TrainResult:
+                   objective: LossFn, desc: str) -> TrainResult:
     cfg = train_config(p, compute.seed)
     return train(model, objective, data, cfg, make_accelerator(compute.device, compute.mixed_precision),
                  resume=FileResume(ctx.scratch / "train_state.pt"), log=ctx.log_metrics, desc=desc,
@@ -84,13 +88,11 @@ def train_velocity(ctx: StageContext, p: VelocityTrainParams, compute: ComputePa
 
 @torch.inference_mode()
 def evaluate_and_save(ctx: StageContext, p: VelocityTrainParams, result: TrainResult, eval_pairs: dict, *,
-                      meta: dict, vae_dir, kind: str, move_in: dict[str, Path] | None = None,
-                      sampler: Sampler = euler) -> dict[str, float]:
+                      meta: dict, vae_dir, kind: str, sampler: Solver = EULER) -> dict[str, float]:
     """Errors vs the teacher on held-out pairs, a grid (teacher row, then 1, 2, 4, ... Euler steps), save.
 
-    `move_in` maps names in the output directory to finished paths (e.g. generated pairs in the scratch
-    area) that become part of the output in the same atomic rename. `sampler` is the model's own way
-    of taking n steps (measure.metrics.Sampler). Only the main process evaluates and saves; the others,
+    `sampler` is the model's own way
+    of taking n steps (a `reflow.samplers.Solver`). Only the main process evaluates and saves; the others,
     done with their share of the training, return no metrics.
     """
     if not ctx.is_main:
@@ -99,7 +101,7 @@ def evaluate_and_save(ctx: StageContext, p: VelocityTrainParams, result: TrainRe
     null = meta["null_label"]
     field = velocity_field(model, eval_pairs["label"], null_label=null)
     metrics = flow_errors(field, eval_pairs["z0"], eval_pairs["z1"], steps=p.eval_steps, sampler=sampler)
-    vae = load_vae(vae_dir).eval()
+    vae = load_vae(vae_dir / VAE_SUBFOLDER).eval()
     k = min(10, len(eval_pairs["z0"]))
     z0, y = eval_pairs["z0"][:k], eval_pairs["label"][:k]
     rows = [eval_pairs["z1"][:k]] + [sampler(velocity_field(model, y, null_label=null), z0, n).x
@@ -110,19 +112,42 @@ def evaluate_and_save(ctx: StageContext, p: VelocityTrainParams, result: TrainRe
         save_model(model, tmp / "transformer", meta={**meta, **ctx.attrs(), "kind": kind,
                                                     "objective": "rectified_flow_velocity", "metrics": metrics})
         save_grid(images, tmp / "grid.png", nrow=k)
-        for name, path in (move_in or {}).items():
-            os.replace(path, tmp / name)
     ctx.log_artifact(out / "grid.png", "samples")
     return {**metrics, "train_loss": result.last_loss, "images_per_s": result.images_per_s,
             "resumed_from_step": float(result.resumed_from)}
 
 
-def teacher_meta(teacher_pairs_dir, dit_dir) -> dict:
-    """What every velocity model records about the space it lives in."""
-    meta = read_meta(dit_dir)
-    pairs = open_dataset(teacher_pairs_dir / "pairs.zarr", kind="pairs")
+def teacher_meta(ctx: StageContext) -> dict:
+    """What every velocity model records about the space it lives in (from the stage's `dit` and
+    `teacher_pairs` deps)."""
+    meta = read_meta(ctx.dep("dit") / DIT_SUBFOLDER)
+    pairs = open_dataset(ctx.dep("teacher_pairs") / "pairs.zarr", kind="pairs")
     return {"null_label": meta["null_label"], "num_classes": meta["num_classes"],
             "latent_shape": meta["latent_shape"], "scale_factor": meta["scale_factor"],
             "time_convention": "t=0 noise z0, t=1 data z1; network sees t*999",
             "teacher_guidance_scale": float(pairs.attrs["guidance_scale"])}
 
+
+def velocity_stage(ctx: StageContext, p: VelocityTrainParams, meta: dict, *, data: BatchSource, objective: LossFn,
+                   init_from: Path | None, kind: str, model_meta: dict, sampler: Solver = EULER,
+                   student: dict | None = None) -> tuple[dict, int]:
+    """Train a velocity model on `data` with `objective`, measure it on the held-out teacher pairs, save it.
+
+    `init_from`: the model folder it starts from where shapes match (None: fresh weights); `student`: its
+    own shape (`num_layers`, `attention_head_dim`; None keeps the teacher's), recorded with its parameter
+    count; `model_meta`: what its `meta.json` adds to the
+    teacher's `meta`. Returns the stage's metrics and how many tensors were initialised from `init_from`.
+    """
+    compute = ctx.params.compute
+    _, eval_pairs = held_out_pairs(ctx.dep("teacher_pairs") / "pairs.zarr", meta, p.eval_samples)
+    model, copied = velocity_model_like(ctx.dep("dit") / DIT_SUBFOLDER, init_from=init_from, seed=compute.seed,
+                                        **(student or {}))
+    result = train_velocity(ctx, p, compute, model, data, objective, desc=ctx.spec.name)
+    if student is not None:  # a student records its size
+        n_params = sum(q.numel() for q in result.ema.parameters())
+        model_meta = {**model_meta, "parameters": n_params}
+    metrics = evaluate_and_save(ctx, p, result, eval_pairs, vae_dir=ctx.dep("vae"), kind=kind, sampler=sampler,
+                                meta={**meta, **model_meta})
+    if student is not None:
+        metrics["student_parameters"] = float(n_params)
+    return metrics, copied

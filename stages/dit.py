@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from models.dit import build_dit, load_dit, null_label
+from models.dit import DIT_SUBFOLDER, build_dit, load_dit, null_label
 from reflow.diffusion import DDPMObjective, make_ddpm_scheduler
 from runtime.context import StageContext, train_config
 from runtime.main import stage_main
@@ -56,9 +56,8 @@ def run(ctx: StageContext) -> dict:
                    crash_point=crash_point)
     if not ctx.is_main:  # every process trained its share of each batch; the main one saves
         return {}
-    out = ctx.out("model")
     n_params = sum(q.numel() for q in result.ema.parameters())
-    save_model(result.ema.to("cpu"), out, meta={
+    save_model(result.ema.to("cpu"), ctx.out("model") / DIT_SUBFOLDER, meta={
         **ctx.attrs(), "kind": "dit", "objective": "ddpm_epsilon", "num_classes": num_classes,
         "null_label": null_label(result.ema), "latent_shape": [channels, size, size],
         "scale_factor": float(latents.attrs["scale_factor"]), "learn_sigma": p.learn_sigma,

@@ -25,8 +25,8 @@ import sys
 import numpy as np
 
 from measure.evaluation import Measurement, flat_metrics, load_reference, plan_points, save_grid_rows, summarise_all
-from measure.fid import FeatureNet
-from models.vae import load_vae
+from measure.fid import CLASSIFIER_SUBFOLDER, FeatureNet
+from models.vae import VAE_SUBFOLDER, load_vae
 from runtime.context import StageContext, StageError
 from runtime.devices import generation_device
 from runtime.generator import load_generator
@@ -53,7 +53,7 @@ def run(ctx: StageContext) -> dict:
     device = generation_device(ctx.params.compute)
     teacher_pairs = open_dataset(ctx.dep("teacher_pairs") / "pairs.zarr", kind="pairs")
     gen = load_generator(ctx.dep("model"), teacher_guidance=float(teacher_pairs.attrs["guidance_scale"])).to(device)
-    judge = FeatureNet.from_pretrained(ctx.dep("features")).eval()
+    judge = FeatureNet.from_pretrained(ctx.dep("features") / CLASSIFIER_SUBFOLDER).eval()
     reference, protocol, extractor, weights = load_reference(ctx, judge)
     plan, skipped = plan_points(gen, p)
     if not plan:
@@ -61,8 +61,8 @@ def run(ctx: StageContext) -> dict:
                          + "; ".join(s["reason"] for s in skipped))
     guidance = p.guidance_scale if p.guidance_scale is not None else gen.default_guidance
     labels = np.arange(p.num_samples, dtype=np.int64) % int(gen.meta["num_classes"])
-    measurement = Measurement(ctx, gen, load_vae(ctx.dep("vae")).to(device).eval(), judge, extractor, weights,
-                              guidance, labels)
+    vae = load_vae(ctx.dep("vae") / VAE_SUBFOLDER).to(device).eval()
+    measurement = Measurement(ctx, gen, vae, judge, extractor, weights, guidance, labels)
     sets, nfe_of, straightness, measured = measurement.all_points(plan)
     points, replicates = summarise_all(ctx, sets, nfe_of, reference)
     results = {"stage": ctx.spec.name,

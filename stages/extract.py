@@ -11,7 +11,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from models.vae import images_to_unit, load_vae
+from models.vae import VAE_SUBFOLDER, images_to_unit, load_vae
 from runtime.context import StageContext
 from runtime.devices import generation_device
 from runtime.main import stage_main
@@ -51,7 +51,7 @@ def run(ctx: StageContext) -> dict:
     images = torch.from_numpy(train.load("images"))
     labels = train.load("labels")
     device = generation_device(compute)
-    vae = load_vae(ctx.dep("vae")).to(device).eval()
+    vae = load_vae(ctx.dep("vae") / VAE_SUBFOLDER).to(device).eval()
     kw = {"batch_size": p.batch_size, "posterior": p.posterior, "seed": compute.seed}
     z1 = encode(vae, images, desc="latents", **kw)
     z1_flip = encode(vae, images.flip(-1), desc="mirrored latents", **kw)

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import torch
 
-from measure.fid import FeatureNet, classifier_loss, classify
+from measure.fid import CLASSIFIER_SUBFOLDER, FeatureNet, classifier_loss, classify
 from runtime.context import StageContext, train_config
 from runtime.main import stage_main
 from runtime.spec import StageSpec
@@ -55,7 +55,7 @@ def run(ctx: StageContext) -> dict:
     accuracy = float((classify(net, held_images).numpy() == held_labels).mean())
     chance = float(np.bincount(held_labels).max() / len(held_labels))
 
-    save_model(net, ctx.out("model"), meta={
+    save_model(net, ctx.out("model") / CLASSIFIER_SUBFOLDER, meta={
         **ctx.attrs(), "kind": "fid_features", "held_out_accuracy": accuracy, "held_out_images": len(held_labels),
         "held_out_split": {"split": "floor", "content_hash": held.attrs["content_hash"]},
         "fit_images": len(labels), "fit_split": {"split": "features", "content_hash": fit.attrs["content_hash"]}})

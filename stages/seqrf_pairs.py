@@ -16,18 +16,16 @@ import numpy as np
 import torch
 
 from models.dit import load_dit
-from reflow.flow import interpolate
-from reflow.rectified import velocity_field
-from reflow.samplers import euler_on_grid, time_grid
-from reflow.seeds import mix_seed, per_sample_noise, sample_seeds
-from reflow.seqrf import adaptive_boundaries, segment_endpoints, uniform_boundaries
+from reflow.rectified import interpolate, velocity_field
+from reflow.samplers import time_grid
+from reflow.seeds import balanced_labels, mix_seed, per_sample_noise, sample_seeds
+from reflow.seqrf import segment_endpoints, snap_to_grid, trajectory_boundaries, uniform_boundaries
 from runtime.context import StageContext
 from runtime.devices import generation_device
 from runtime.main import stage_main
 from runtime.pairs import generate_pairs, segment_rows, segment_schema
 from runtime.spec import StageSpec
 from runtime.velocity import teacher_meta
-from storage.atomic import atomic_dir
 from storage.datasets import open_dataset
 
 SPEC = StageSpec(
@@ -45,23 +43,10 @@ ADAPTIVE_PROBE = 64  # trajectories the boundary search averages over
 PROBE_STREAM = 1
 
 
-def boundary_indices(boundaries: list[float], teacher_steps: int) -> list[int]:
-    """Each boundary as an index into the fine grid `time_grid(0, 1, teacher_steps)`, strictly increasing.
-
-    Uniform boundaries that do not fall on the grid are moved to the nearest grid point, so every
-    segment is integrated on whole teacher steps; the recorded boundaries are the snapped ones.
-    """
-    idx = [round(b * teacher_steps) for b in boundaries]
-    if any(b >= a for a, b in zip(idx[1:], idx[:-1], strict=True)):
-        raise ValueError(f"boundaries {boundaries} collapse on a grid of {teacher_steps} steps; "
-                         "raise seqrf.teacher_steps or lower seqrf.segments")
-    return idx
-
-
 def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.seqrf, ctx.params.compute
     device = generation_device(compute)
-    meta = teacher_meta(ctx.dep("teacher_pairs"), ctx.dep("dit"))
+    meta = teacher_meta(ctx)
     shape, null, k = tuple(meta["latent_shape"]), meta["null_label"], p.segments
     model = load_dit(ctx.dep("model") / "transformer").to(device).eval()
     latents = open_dataset(ctx.dep("latents") / "latents.zarr", kind="latents")
@@ -74,13 +59,10 @@ def run(ctx: StageContext) -> dict:
     if p.boundaries == "uniform":
         boundaries = uniform_boundaries(k)
     else:  # the fine 1-RF trajectory of a probe batch, from seeds no pair row uses
-        with torch.inference_mode():
-            y = np.arange(ADAPTIVE_PROBE, dtype=np.int64) % meta["num_classes"]
-            z0 = per_sample_noise(sample_seeds(mix_seed(p.seed, PROBE_STREAM), 0, ADAPTIVE_PROBE), shape).to(device)
-            traj = euler_on_grid(flow(y), z0, grid, return_trajectory=True).trajectory
-        boundaries = adaptive_boundaries(torch.stack([x.float().cpu() for _, x in traj]),
-                                         torch.tensor(grid, dtype=torch.float64), k)
-    idx = boundary_indices(boundaries, p.teacher_steps)
+        y = balanced_labels(0, ADAPTIVE_PROBE, meta["num_classes"])
+        z0 = per_sample_noise(sample_seeds(mix_seed(p.seed, PROBE_STREAM), 0, ADAPTIVE_PROBE), shape).to(device)
+        boundaries = trajectory_boundaries(flow(y), z0, grid, k)
+    idx = snap_to_grid(boundaries, p.teacher_steps)
     boundaries = [grid[i] for i in idx]
     if ctx.is_main:
         print(f"seqrf boundaries ({p.boundaries}): {[round(b, 4) for b in boundaries]}")
@@ -99,20 +81,16 @@ def run(ctx: StageContext) -> dict:
             t = torch.tensor([boundaries[s] for s in segment], dtype=torch.float32)
             x_start = interpolate(z0, data, t).to(device)
         else:
-            y, x_start = rows.astype(np.int64) % meta["num_classes"], None
+            y, x_start = balanced_labels(start, stop, meta["num_classes"]), None
         x_start, x_end = segment_endpoints(lambda sel: flow(y[sel]), z0.to(device), segment, segment_times, x_start)
         return {**segment_rows(x_start, x_end, segment, boundaries), "label": y,
                 "seed": np.asarray(seeds, dtype=np.int64)}
 
     attrs = {"from_model": "artifacts/rf1", "segments": k, "boundaries": boundaries, "boundary_rule": p.boundaries,
              "start": p.start, "teacher_steps": p.teacher_steps, "solver": "euler", "base_seed": p.seed, **meta}
-    writer, stats = generate_pairs(
-        ctx, n_rows=p.num_samples, shard_rows=p.shard_size, batch_size=p.pairs_batch_size, attrs=attrs,
-        make_batch=make_batch, desc="seqrf_pairs",
-        schema=segment_schema(shape) | {"label": ((), "int64"), "seed": ((), "int64")})
-    if ctx.is_main:  # the other processes wrote their shards; the main one writes the output
-        with atomic_dir(ctx.out("pairs")) as tmp:
-            writer.finalize(tmp / "pairs.zarr")
+    stats = generate_pairs(ctx, n_rows=p.num_samples, shard_rows=p.shard_size, batch_size=p.pairs_batch_size,
+                           attrs=attrs, make_batch=make_batch, desc="seqrf_pairs", schema=segment_schema(shape),
+                           out=ctx.out("pairs"))
     return {**stats, **{f"boundary_{i}": float(b) for i, b in enumerate(boundaries)}}
 
 

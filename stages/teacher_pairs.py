@@ -2,7 +2,7 @@
 
 Every sample has its own seed; its noise `z0` is drawn from that seed alone and stored next to the
 teacher's deterministic DDIM result `z1`, its label and the seed. Without the stored `z0` the pairs
-are just synthetic data, and "reflow" degenerates into plain flow matching (METHOD.md).
+are just synthetic data, and "reflow" degenerates into plain flow matching (docs/method.md, section 3).
 Generation is written shard by shard into the scratch area: an interrupted run resumes at the first
 unfinished shard and produces exactly the pairs an uninterrupted run would.
 """
@@ -16,16 +16,15 @@ import numpy as np
 import torch
 
 from imagedata.grids import save_grid
-from models.dit import load_dit
-from models.vae import decode_latents, load_vae
-from reflow.seeds import per_sample_noise, sample_seeds
+from models.dit import DIT_SUBFOLDER, load_dit
+from models.vae import VAE_SUBFOLDER, decode_latents, load_vae
+from reflow.seeds import balanced_labels, per_sample_noise, sample_seeds
 from runtime.context import StageContext
 from runtime.devices import generation_device
 from runtime.generator import Generator
 from runtime.main import stage_main
-from runtime.pairs import generate_pairs
+from runtime.pairs import generate_pairs, pair_schema
 from runtime.spec import StageSpec
-from storage.atomic import atomic_dir
 from storage.checkpoints import read_meta
 from storage.datasets import open_dataset
 
@@ -38,18 +37,13 @@ SPEC = StageSpec(
 )
 
 
-def balanced_labels(start: int, stop: int, num_classes: int) -> np.ndarray:
-    """Sample i gets class i mod K: every shard is class-balanced and labels need no RNG."""
-    return np.arange(start, stop, dtype=np.int64) % num_classes
-
-
 @torch.inference_mode()
 def generate(model, meta: dict, seeds: list[int], labels: np.ndarray, *, steps: int, guidance: float,
              device: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(z0, z1, nfe) for one batch: DDIM from each sample's own noise, guided on every channel."""
     shape = tuple(meta["latent_shape"])
     z0 = per_sample_noise(seeds, shape)
-    teacher = Generator(model, "epsilon", meta, Path("artifacts/dit"), default_guidance=guidance)
+    teacher = Generator(model, "epsilon", meta, Path("artifacts/dit") / DIT_SUBFOLDER, default_guidance=guidance)
     res = teacher.sample(z0.to(device), torch.from_numpy(labels).to(device), steps=steps, solver="ddim")
     return z0, res.x.float().cpu(), res.nfe
 
@@ -57,9 +51,10 @@ def generate(model, meta: dict, seeds: list[int], labels: np.ndarray, *, steps: 
 def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.teacher_pairs, ctx.params.compute
     device = generation_device(compute)
-    meta = read_meta(ctx.dep("dit"))
-    model = load_dit(ctx.dep("dit")).to(device).eval()
-    vae = load_vae(ctx.dep("vae")).to(device).eval()  # loaded up front: fail before generating, not after
+    meta = read_meta(ctx.dep("dit") / DIT_SUBFOLDER)
+    model = load_dit(ctx.dep("dit") / DIT_SUBFOLDER).to(device).eval()
+    # Loaded up front: fail before generating, not after.
+    vae = load_vae(ctx.dep("vae") / VAE_SUBFOLDER).to(device).eval()
     shape = tuple(meta["latent_shape"])
     attrs = {"teacher": "ddim", "ddim_steps": p.ddim_steps, "guidance_scale": p.guidance_scale,
              "base_seed": p.seed, "scale_factor": meta["scale_factor"], "num_classes": meta["num_classes"],
@@ -73,21 +68,18 @@ def run(ctx: StageContext) -> dict:
                                              guidance=p.guidance_scale, device=device)
         return {"z0": z0.numpy(), "z1": z1.numpy(), "label": labels, "seed": np.asarray(seeds, dtype=np.int64)}
 
-    writer, stats = generate_pairs(
-        ctx, n_rows=p.num_samples, shard_rows=p.shard_size, batch_size=p.batch_size, attrs=attrs,
-        make_batch=make_batch, desc="teacher pairs",
-        schema={"z0": (shape, "float32"), "z1": (shape, "float32"), "label": ((), "int64"), "seed": ((), "int64")})
-    if not ctx.is_main:  # the other processes wrote their shards; the main one writes the output
-        return stats
-    out = ctx.out("pairs")
-    with atomic_dir(out) as tmp:
-        writer.finalize(tmp / "pairs.zarr")
-        # Labels are i mod K, so a grid K wide shows one class per column.
-        n_grid = min(p.grid_samples, p.num_samples)
-        z1 = torch.from_numpy(open_dataset(tmp / "pairs.zarr", kind="pairs").read("z1", 0, n_grid))
-        save_grid(decode_latents(vae, z1, meta["scale_factor"]).numpy(), tmp / "grid.png",
+    def grid(folder: Path) -> None:  # labels are i mod K, so a grid K wide shows one class per column
+        z1 = torch.from_numpy(open_dataset(folder / "pairs.zarr", kind="pairs").read(
+            "z1", 0, min(p.grid_samples, p.num_samples)))
+        save_grid(decode_latents(vae, z1, meta["scale_factor"]).numpy(), folder / "grid.png",
                   nrow=min(meta["num_classes"], 16))
-    ctx.log_artifact(out / "grid.png", "samples")
+
+    stats = generate_pairs(ctx, n_rows=p.num_samples, shard_rows=p.shard_size, batch_size=p.batch_size, attrs=attrs,
+                           make_batch=make_batch, desc="teacher pairs", schema=pair_schema(shape),
+                           out=ctx.out("pairs"), also=grid)
+    if not ctx.is_main:
+        return stats
+    ctx.log_artifact(ctx.out("pairs") / "grid.png", "samples")
     return {**stats, "nfe_per_sample": nfe.get("per_sample", p.ddim_steps * (2 if p.guidance_scale != 1 else 1))}
 
 

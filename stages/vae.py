@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from models.vae import VAEObjective, VAETraining, build_vae, latent_stats, load_vae, vae_downsampling
+from models.vae import VAE_SUBFOLDER, VAEObjective, VAETraining, build_vae, latent_stats, load_vae, vae_downsampling
 from runtime.context import StageContext, train_config
 from runtime.devices import generation_device
 from runtime.main import stage_main
@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> dict:
         torch.tensor(4.0 / max(recon_mse, 1e-12))).item(), "scale_factor": float(scale),
         "latent_std": latent_std}
     size = train_images.shape[-1] // vae_downsampling(vae)
-    save_model(vae.to("cpu"), ctx.out("model"), meta={
+    save_model(vae.to("cpu"), ctx.out("model") / VAE_SUBFOLDER, meta={
         **ctx.attrs(), "kind": "vae", "pretrained": p.pretrained, "scale_factor": float(scale),
         "latent_shape": [vae.config.latent_channels, size, size]})
     return metrics

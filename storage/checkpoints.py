@@ -38,6 +38,7 @@ def save_model(model: Any, path: str | Path, *, meta: dict[str, Any]) -> None:
         json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: meta is not JSON-serialisable ({e})") from e
+    path.parent.mkdir(parents=True, exist_ok=True)  # artifacts/<stage>/ around its model folder
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         atomic_write_json(tmp / META_FILE, meta)

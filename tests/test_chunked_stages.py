@@ -26,7 +26,7 @@ def run_stage(root: Path, name: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(root)}, timeout=900)
 
 
-@pytest.mark.parametrize(("stage", "weights"), [("dit", f"artifacts/dit/{WEIGHTS}"),
+@pytest.mark.parametrize(("stage", "weights"), [("dit", f"artifacts/dit/transformer/{WEIGHTS}"),
                                                 ("rf1", f"artifacts/rf1/transformer/{WEIGHTS}")])
 def test_a_stage_over_its_ram_budget_trains_from_chunks(repo, stage, weights):
     in_ram = load_file(repo / weights)

@@ -1,24 +1,41 @@
 """Rectified-flow conventions (direction, target, loss scale), SlimFlow's extras and the losses."""
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torchvision
 
 from models.lpips import LPIPSLoss
-from reflow.flow import (
+from reflow.losses import default_huber_c, mse, pseudo_huber
+from reflow.rectified import (
+    Paired,
+    RectifiedFlow,
     anneal_noise,
     anneal_r,
     flip_pairs,
     interpolate,
-    rf_loss,
     sample_time,
-    velocity_target,
 )
-from reflow.losses import default_huber_c, mse, pseudo_huber
-from reflow.samplers import Field, euler
+from reflow.samplers import Euler, Field
+
+EULER = Euler()
+
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def rf_objective(fn: VelocityFn, **kwargs: Any) -> RectifiedFlow:
+    """The rectified-flow loss on stored pairs for a toy `fn(x, t, y)` (no model, no label dropout)."""
+    return RectifiedFlow(coupling=Paired(), null_label=10, label_dropout=0.0,
+                         network=lambda model, x, t, y: fn(x, t, y), **kwargs)
+
+
+def _batch(z0: torch.Tensor, z1: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"z0": z0, "z1": z1, "label": torch.arange(len(z0))}
 
 
 def _pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +60,7 @@ def test_interpolation_runs_from_noise_to_data() -> None:
 
 def test_velocity_target_points_from_noise_to_data() -> None:
     z0, z1 = _pair()
-    v = velocity_target(z0, z1)
-    torch.testing.assert_close(v, z1 - z0)
+    v = z1 - z0
     # Moving along +v from x_t for dt lands on x_{t + dt}.
     t = torch.full((4,), 0.3)
     torch.testing.assert_close(interpolate(z0, z1, t) + 0.2 * v, interpolate(z0, z1, t + 0.2))
@@ -52,29 +68,40 @@ def test_velocity_target_points_from_noise_to_data() -> None:
 
 def test_true_velocity_has_zero_loss_and_carries_z0_to_z1_in_one_step() -> None:
     z0, z1 = _pair()
-    y = torch.arange(4)
-    t = sample_time(4, distribution="uniform", eps=1e-3, generator=torch.Generator().manual_seed(1))
+    batch, g = _batch(z0, z1), torch.Generator()
 
     def oracle(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return z1 - z0
 
-    assert rf_loss(oracle, z0, z1, y, t).item() == 0.0
-    assert rf_loss(oracle, z0, z1, y, t, loss="pseudo_huber").abs().item() < 1e-7
-    one_step = euler(Field(lambda x, t: oracle(x, t, y)), z0, 1)
+    assert rf_objective(oracle)(None, batch, g.manual_seed(1), 0).item() == 0.0
+    assert rf_objective(oracle, loss="pseudo_huber")(None, batch, g.manual_seed(1), 0).abs().item() < 1e-7
+    one_step = EULER(Field(lambda x, t: oracle(x, t, None)), z0, 1)
     torch.testing.assert_close(one_step.x, z1, rtol=0, atol=1e-6)
     assert one_step.nfe == 1
     # The reversed convention (velocity z0 - z1) would move away from the data and have a large loss.
-    assert not torch.allclose(euler(Field(lambda x, t: z0 - z1), z0, 1).x, z1)
-    assert rf_loss(lambda x, t, y: z0 - z1, z0, z1, y, t).item() > 1.0
+    assert not torch.allclose(EULER(Field(lambda x, t: z0 - z1), z0, 1).x, z1)
+    assert rf_objective(lambda x, t, y: z0 - z1)(None, batch, g.manual_seed(1), 0).item() > 1.0
 
 
-def test_rf_loss_is_a_mean_over_dimensions_and_rejects_unknown_losses() -> None:
+def test_rectified_flow_loss_is_a_mean_over_dimensions_and_rejects_unknown_losses() -> None:
     z0, z1 = _pair()
-    t = torch.full((4,), 0.5)
-    loss = rf_loss(lambda x, t, y: torch.zeros_like(x), z0, z1, None, t)
+    loss = rf_objective(lambda x, t, y: torch.zeros_like(x))(None, _batch(z0, z1), torch.Generator(), 0)
     torch.testing.assert_close(loss, (z1 - z0).pow(2).mean())
-    with pytest.raises(ValueError, match="unknown loss"):
-        rf_loss(lambda x, t, y: x, z0, z1, None, t, loss="l3")
+    with pytest.raises(ValueError, match="unknown loss 'l3'"):
+        rf_objective(lambda x, t, y: x, loss="l3")
+
+
+def test_rectified_flow_regresses_z1_minus_z0_at_the_interpolated_point() -> None:
+    z0, z1 = _pair()
+    seen = {}
+
+    def model(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        seen.update(x=x, t=t)
+        return x
+
+    loss = rf_objective(model)(None, _batch(z0, z1), torch.Generator().manual_seed(0), 0)
+    torch.testing.assert_close(seen["x"], interpolate(z0, z1, seen["t"]))
+    torch.testing.assert_close(loss, (seen["x"] - (z1 - z0)).pow(2).mean())
 
 
 def test_model_receives_time_of_shape_b_in_unit_interval() -> None:
@@ -85,9 +112,9 @@ def test_model_receives_time_of_shape_b_in_unit_interval() -> None:
         seen["t"] = t
         return x
 
-    t = sample_time(4, distribution="logit_normal", eps=1e-3, generator=torch.Generator().manual_seed(0))
-    rf_loss(model, z0, z1, None, t)
+    rf_objective(model, time_distribution="logit_normal")(None, _batch(z0, z1), torch.Generator().manual_seed(0), 0)
     assert seen["t"].shape == (4,) and seen["t"].dtype == torch.float32
+    assert ((seen["t"] >= 1e-3) & (seen["t"] <= 1.0)).all()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,7 +168,7 @@ def test_flip_pairs_mirrors_noise_and_data_together() -> None:
         expect0, expect1 = (z0[i].flip(-1), z1[i].flip(-1)) if mask[i] else (z0[i], z1[i])
         assert torch.equal(f0[i], expect0) and torch.equal(f1[i], expect1)
     # The coupling survives: the target of a flipped pair is the mirrored target, noise stays at t = 0.
-    torch.testing.assert_close(velocity_target(f0, f1)[mask], velocity_target(z0, z1)[mask].flip(-1))
+    torch.testing.assert_close((f1 - f0)[mask], (z1 - z0)[mask].flip(-1))
     _, _, all_flipped = flip_pairs(z0, z1, g, p=1.0)
     _, _, none_flipped = flip_pairs(z0, z1, g, p=0.0)
     assert all_flipped.all() and not none_flipped.any()

@@ -1,13 +1,17 @@
 """The training objectives of the velocity stages: what the network sees and what it is asked for."""
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
 from models.dit import TIME_SCALE
+from reflow.distill import OneStepDistill
 from reflow.losses import mse
-from reflow.rectified import OneStepDistillObjective, SegmentObjective
+from reflow.rectified import RectifiedFlow, coupling
+from reflow.seqrf import SegmentObjective
 
 
 class ConstantVelocity(nn.Module):
@@ -60,17 +64,42 @@ def test_one_step_distillation_is_zero_when_one_step_lands_on_z1_and_adds_the_pe
     z0, velocity = torch.randn(8, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)
     batch = {"z0": z0, "z1": z0 + velocity, "label": torch.zeros(8, dtype=torch.long)}
     model = ConstantVelocity(velocity)
-    assert OneStepDistillObjective(null_label=10)(model, batch, g, 0).item() < 1e-10
+    assert OneStepDistill(null_label=10)(model, batch, g, 0).item() < 1e-10
     assert (model.seen[-1] == 0).all()  # the student is asked at t = 0 only
     shifted = ConstantVelocity(velocity + 0.5)
-    plain = OneStepDistillObjective(null_label=10)(shifted, batch, g, 0)
+    plain = OneStepDistill(null_label=10)(shifted, batch, g, 0)
     calls = []
 
     def perceptual(prediction, z1):
         calls.append(prediction.shape)
         return 3 * mse(prediction, z1)
 
-    objective = OneStepDistillObjective(null_label=10, perceptual=perceptual, perceptual_weight=0.5)
+    objective = OneStepDistill(null_label=10, perceptual=perceptual, perceptual_weight=0.5)
     with_term = objective(shifted, batch, g, 0)
     assert calls == [z0.shape]
     torch.testing.assert_close(with_term, plain * 2.5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda loss: RectifiedFlow(coupling=coupling("paired"), null_label=10, loss=loss),
+        lambda loss: OneStepDistill(null_label=10, loss=loss),
+        lambda loss: SegmentObjective(null_label=10, loss=loss),
+    ],
+    ids=["rectified_flow", "one_step_distill", "segment"],
+)
+def test_every_objective_refuses_an_unknown_loss_by_name(make: Callable[[str], object]) -> None:
+    with pytest.raises(ValueError, match="unknown loss 'l3'"):
+        make("l3")
+    make("pseudo_huber")  # the known ones are accepted
+
+
+def test_one_step_distillation_uses_the_named_loss() -> None:
+    g = torch.Generator().manual_seed(3)
+    z0, velocity = torch.randn(8, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)
+    batch = {"z0": z0, "z1": z0 + velocity, "label": torch.zeros(8, dtype=torch.long)}
+    shifted = ConstantVelocity(velocity + 0.5)  # every residual is 0.5: mse 0.25, huber ~ 0.5 * sqrt(64)
+    assert OneStepDistill(null_label=10)(shifted, batch, g, 0).item() == pytest.approx(0.25)
+    huber = OneStepDistill(null_label=10, loss="pseudo_huber")(shifted, batch, g, 0).item()
+    assert huber == pytest.approx(4.0, rel=1e-2)

@@ -24,8 +24,8 @@ from storage.tracking import path_tag, tag_path
 pytestmark = pytest.mark.e2e
 # Stages with an MLflow run; `validate` runs before them.
 STAGES = ["prepare", "fid_features", "vae", "extract", "fid_reference", "dit", "teacher_pairs", "evaluate@dit", "rf1",
-          "evaluate@rf1", "reflow_pairs@2", "seqrf_pairs", "rf@2", "seqrf", "distill", "evaluate@rf2", "evaluate@seqrf",
-          "evaluate@distill", "report"]
+          "evaluate@rf1", "reflow_pairs@2", "seqrf_pairs", "rf@2", "seqrf", "distill_pairs", "distill",
+          "evaluate@rf2", "evaluate@seqrf", "evaluate@distill", "report"]
 EVALUATED = {"dit": "dit", "rf1": "rf1", "rf2": "rf@2", "seqrf": "seqrf", "distill": "distill"}
 
 
@@ -67,7 +67,7 @@ def test_dvc_repro_produces_every_artifact(repo):
     assert set(pairs.names) == {"z0", "z1", "label", "seed"} and pairs.n_rows == 48
     assert len(set(pairs.load("seed").tolist())) == 48
     assert (repo / "artifacts/teacher_pairs/grid.png").stat().st_size > 0
-    assert (repo / "artifacts/dit/config.json").is_file()
+    assert (repo / "artifacts/dit/transformer/config.json").is_file()
     segments = open_dataset(repo / "artifacts/seqrf_pairs/pairs.zarr", kind="pairs", verify=True)
     assert segments.attrs["boundaries"] == [0.0, 0.5, 1.0] and segments.attrs["from_model"] == "artifacts/rf1"
     assert segments.load("segment").tolist() == [i % 2 for i in range(segments.n_rows)]
@@ -150,9 +150,9 @@ def test_stored_fid_equals_scipy_on_regenerated_samples(repo):
     gen = load_generator(repo / "artifacts/rf@2")
     n = results["protocol"]["samples_per_seed"]
     z0 = per_sample_noise(sample_seeds(0, 0, n), tuple(gen.meta["latent_shape"]))
-    images, nfe = generate_images(gen, load_vae(repo / "artifacts/vae").eval(), z0, np.arange(n) % 10, steps=1,
+    images, nfe = generate_images(gen, load_vae(repo / "artifacts/vae/vae").eval(), z0, np.arange(n) % 10, steps=1,
                                   solver="euler", guidance=None, batch_size=7, device="cpu", tolerance=1e-3)
-    net = FeatureNet.from_pretrained(repo / "artifacts/fid_features").eval()
+    net = FeatureNet.from_pretrained(repo / "artifacts/fid_features/classifier").eval()
     reference = open_dataset(repo / "artifacts/prepare/reference.zarr", kind="images").load("images")
     expected = frechet_distance(extract_features(net, images), extract_features(net, reference))
     assert nfe == 1 and stored["fid"] == pytest.approx(expected, rel=1e-3, abs=1e-6)

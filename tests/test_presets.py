@@ -225,14 +225,14 @@ def test_preset_structure_runs_vae_extract_dit_teacher_pairs(name, tmp_path, pip
     for stage in ("prepare", "vae", "extract", "dit", "teacher_pairs"):
         assert f"Running stage '{stage}'" in out
 
-    vae_meta = json.loads((root / "artifacts" / "vae" / "reflow.json").read_text())
+    vae_meta = json.loads((root / "artifacts" / "vae" / "vae" / "reflow.json").read_text())
     latent = tuple(vae_meta["latent_shape"])
     down = 2 ** (len(preset.vae.block_out_channels) - 1)
     assert latent == (4, raw["data"]["resolution"] // down, raw["data"]["resolution"] // down)
     if vae_folder:  # the pretrained VAE is used as it is, its own scale factor recorded
         assert vae_meta["scale_factor"] == pytest.approx(SD_SCALE)
         assert vae_meta["pretrained"] == str(vae_folder)
-    dit_config = json.loads((root / "artifacts" / "dit" / "config.json").read_text())
+    dit_config = json.loads((root / "artifacts" / "dit" / "transformer" / "config.json").read_text())
     assert dit_config["patch_size"] == preset.dit.patch_size
     assert dit_config["out_channels"] == 4 * (2 if preset.dit.learn_sigma else 1)
     assert dit_config["num_embeds_ada_norm"] == 3  # the image folder's classes; index 3 is the null label
@@ -248,8 +248,8 @@ def test_preset_structure_runs_vae_extract_dit_teacher_pairs(name, tmp_path, pip
     out = repro(root, "teacher_pairs")
     assert "Running stage 'dit'" in out and "Running stage 'teacher_pairs'" in out
     assert "Running stage 'extract'" not in out
-    dit_config = json.loads((root / "artifacts" / "dit" / "config.json").read_text())
-    meta = json.loads((root / "artifacts" / "dit" / "reflow.json").read_text())
+    dit_config = json.loads((root / "artifacts" / "dit" / "transformer" / "config.json").read_text())
+    meta = json.loads((root / "artifacts" / "dit" / "transformer" / "reflow.json").read_text())
     assert dit_config["num_layers"] == 2  # the released model's depth, not dit.num_layers
     assert dit_config["out_channels"] == 8 and dit_config["norm_eps"] == REFERENCE_NORM_EPS
     assert meta["null_label"] == 1000 and meta["learn_sigma"] is True

@@ -7,17 +7,20 @@ import torch
 from diffusers import DDIMScheduler
 
 from reflow.samplers import (
+    DDIM,
+    RK45,
+    SOLVERS,
+    Euler,
     Field,
-    ddim,
+    Heun,
     ddim_scheduler,
-    euler,
     guided,
-    heun,
-    rk45,
-    solve,
+    solver,
     straightness,
 )
 from reflow.seeds import mix_seed, per_sample_noise, sample_seeds
+
+euler, heun, ddim = Euler(), Heun(), DDIM()
 
 
 def _z0(shape: tuple[int, ...] = (5, 3), seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -87,28 +90,38 @@ def test_heun_is_second_order_and_euler_first_order_on_exp() -> None:
 def test_rk45_meets_its_tolerance_and_reports_its_own_count() -> None:
     z0 = _z0()
     field = Field(lambda x, t: 1.3 * x)
-    result = rk45(field, z0, rtol=1e-7, atol=1e-9)
+    result = RK45(rtol=1e-7, atol=1e-9)(field, z0, None)
     torch.testing.assert_close(result.x, z0 * math.exp(1.3), rtol=1e-6, atol=1e-8)
     assert result.nfe == field.nfe > 6
-    loose = rk45(Field(lambda x, t: 1.3 * x), z0, rtol=1e-3, atol=1e-3)
+    loose = RK45(rtol=1e-3, atol=1e-3)(Field(lambda x, t: 1.3 * x), z0, None)
     assert loose.nfe < result.nfe
     # Backwards in time (data to noise) inverts the map.
-    back = rk45(Field(lambda x, t: 1.3 * x), result.x, rtol=1e-7, atol=1e-9, t_start=1.0, t_end=0.0)
+    back = RK45(rtol=1e-7, atol=1e-9)(Field(lambda x, t: 1.3 * x), result.x, None, t_start=1.0, t_end=0.0)
     torch.testing.assert_close(back.x, z0, rtol=1e-6, atol=1e-8)
 
 
-def test_solve_dispatches_and_validates() -> None:
+def test_solver_factory_builds_the_named_solver_and_validates() -> None:
     z0 = _z0()
-    for solver, expected_nfe in (("euler", 5), ("heun", 9)):
+    for name, expected_nfe in (("euler", 5), ("heun", 9)):
         field = Field(lambda x, t: -x)
-        assert solve(field, z0, solver=solver, steps=5).nfe == expected_nfe
-    assert solve(Field(lambda x, t: -x), z0, solver="rk45").nfe > 0
+        assert solver(name)(field, z0, 5).nfe == expected_nfe
+    assert solver("rk45")(Field(lambda x, t: -x), z0, None).nfe > 0
+    assert solver("rk45", rtol=1e-3, atol=1e-4) == RK45(1e-3, 1e-4)
+    assert [solver(name).name for name in SOLVERS] == list(SOLVERS)
     with pytest.raises(ValueError, match="steps >= 1"):
-        solve(Field(lambda x, t: -x), z0, solver="euler", steps=0)
+        solver("euler")(Field(lambda x, t: -x), z0, 0)
     with pytest.raises(ValueError, match="steps >= 1"):
-        solve(Field(lambda x, t: -x), z0, solver="heun")
-    with pytest.raises(ValueError, match="unknown solver"):
-        solve(Field(lambda x, t: -x), z0, solver="midpoint", steps=2)  # type: ignore[arg-type]
+        solver("heun")(Field(lambda x, t: -x), z0, None)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        ddim(Field(lambda x, t: -x), z0, None)
+    with pytest.raises(ValueError, match="unknown solver 'midpoint'"):
+        solver("midpoint")
+
+
+def test_rk45_ignores_steps() -> None:
+    z0 = _z0()
+    a, b = RK45()(Field(lambda x, t: -x), z0, 1), RK45()(Field(lambda x, t: -x), z0, 50)
+    assert torch.equal(a.x, b.x) and a.nfe == b.nfe
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,14 +175,14 @@ def _gaussian_oracle(mu: torch.Tensor, s: float, steps: int) -> Field:
 def test_ddim_recovers_a_point_mass_exactly_for_any_step_count(steps: int) -> None:
     mu, z0 = _z0((2, 4, 3, 3), seed=1), _z0((2, 4, 3, 3), seed=2)
     field = _gaussian_oracle(mu, 0.0, steps)
-    result = ddim(field, z0, steps=steps)
+    result = ddim(field, z0, steps)
     torch.testing.assert_close(result.x, mu, rtol=0, atol=1e-10)
     assert result.nfe == steps == field.nfe
 
 
 def test_ddim_sees_trailing_timesteps_from_999() -> None:
     seen = []
-    ddim(Field(lambda x, t: seen.append(t) or torch.zeros_like(x)), _z0((2, 3)), steps=4)
+    ddim(Field(lambda x, t: seen.append(t) or torch.zeros_like(x)), _z0((2, 3)), 4)
     assert [t[0].item() for t in seen] == [999.0, 749.0, 499.0, 249.0]
     assert all(t.shape == (2,) and t.dtype.is_floating_point for t in seen)
 
@@ -179,7 +192,7 @@ def test_ddim_converges_to_the_gaussian_probability_flow_map() -> None:
     a_T = ddim_scheduler(1).alphas_cumprod[999].double()
     # The probability-flow ODE keeps (x - sqrt(a) mu) / sqrt(a s^2 + 1 - a) constant.
     exact = mu + s * (z0 - a_T.sqrt() * mu) / (a_T * s * s + 1 - a_T).sqrt()
-    errors = [(ddim(_gaussian_oracle(mu, s, n), z0, steps=n).x - exact).abs().max().item() for n in (25, 100, 400)]
+    errors = [(ddim(_gaussian_oracle(mu, s, n), z0, n).x - exact).abs().max().item() for n in (25, 100, 400)]
     assert errors[2] < 0.02
     assert errors[0] / errors[1] > 3 and errors[1] / errors[2] > 3
 
@@ -187,8 +200,8 @@ def test_ddim_converges_to_the_gaussian_probability_flow_map() -> None:
 def test_ddim_matches_diffusers_step_and_is_deterministic() -> None:
     mu, z0, s, steps = _z0((2, 4, 3, 3), seed=1), _z0((2, 4, 3, 3), seed=2, dtype=torch.float32), 0.5, 50
     field = _gaussian_oracle(mu.float(), s, steps)
-    ours = ddim(field, z0, steps=steps).x
-    assert torch.equal(ours, ddim(field, z0, steps=steps).x)
+    ours = ddim(field, z0, steps).x
+    assert torch.equal(ours, ddim(field, z0, steps).x)
     scheduler = DDIMScheduler(
         timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon"
     )

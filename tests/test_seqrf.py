@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from reflow.samplers import Field, time_grid
+from reflow.segments import steps_problem, uneven_steps
 from reflow.seqrf import (
+    Segmented,
     adaptive_boundaries,
     segment_endpoints,
     segment_of,
     segment_train_example,
-    seqrf_sample,
     uniform_boundaries,
 )
 
@@ -108,7 +109,7 @@ def test_adaptive_boundaries_follow_curvature_not_the_uniform_grid() -> None:
     assert gaps[-1] < 0.25 < gaps[0]
 
 
-def test_seqrf_sample_lands_on_the_end_point_with_one_evaluation_per_segment() -> None:
+def test_segmented_sampler_lands_on_the_end_point_with_one_evaluation_per_segment() -> None:
     points = _knot_points(1)
     chords = [(points[i + 1] - points[i]) / (KINKS[i + 1] - KINKS[i]) for i in range(3)]
 
@@ -116,16 +117,49 @@ def test_seqrf_sample_lands_on_the_end_point_with_one_evaluation_per_segment() -
         return torch.stack([chords[i][b] for b, i in enumerate(segment_of(t, KINKS).tolist())])
 
     field = Field(velocity)
-    result = seqrf_sample(field, points[0], KINKS, return_trajectory=True)
+    result = Segmented(tuple(KINKS))(field, points[0], 3, return_trajectory=True)
     torch.testing.assert_close(result.x, points[-1])
     assert result.nfe == 3 == field.nfe
     assert result.trajectory is not None
     assert [t for t, _ in result.trajectory] == KINKS
     for (_, x), expected in zip(result.trajectory, points, strict=True):
         torch.testing.assert_close(x, expected)
-    finer = seqrf_sample(Field(velocity), points[0], KINKS, steps_per_segment=4)
+    finer = Segmented(tuple(KINKS))(Field(velocity), points[0], 12)
     torch.testing.assert_close(finer.x, points[-1])
     assert finer.nfe == 12
+
+
+def test_segmented_sampler_splits_the_steps_evenly_and_visits_the_boundary() -> None:
+    boundaries = (0.0, 0.2, 1.0)
+    field = Field(lambda x, t: torch.ones_like(x))
+    result = Segmented(boundaries)(field, torch.zeros(3, 2), 4, return_trajectory=True)
+    assert result.nfe == 4 == field.nfe
+    assert result.trajectory is not None
+    # Two Euler steps inside each segment, so the boundary t = 0.2 is a grid point, not 0.25.
+    assert [t for t, _ in result.trajectory] == pytest.approx([0.0, 0.1, 0.2, 0.6, 1.0])
+    torch.testing.assert_close(result.trajectory[2][1], torch.full((3, 2), 0.2))
+    torch.testing.assert_close(result.x, torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5])
+def test_segmented_sampler_refuses_steps_that_are_not_a_multiple_of_its_segments(steps: int) -> None:
+    with pytest.raises(ValueError, match="multiple of 2"):
+        Segmented((0.0, 0.5, 1.0))(Field(lambda x, t: x), torch.zeros(2, 2), steps)
+
+
+@pytest.mark.parametrize("steps", [0, None])
+def test_segmented_sampler_refuses_no_steps(steps: int | None) -> None:
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        Segmented((0.0, 0.5, 1.0))(Field(lambda x, t: x), torch.zeros(2, 2), steps)
+
+
+def test_steps_problem_and_uneven_steps() -> None:
+    assert uneven_steps([1, 2, 3, 4, 6, 8], 2) == [1, 3]
+    assert uneven_steps([4, 8], 4) == [] and uneven_steps([5, 7], 1) == []
+    assert steps_problem(4, 2) is None and steps_problem(3, 1) is None
+    assert steps_problem(6, 4) == "a model with 4 segments takes a multiple of 4 steps, not 6"
+    assert "steps must be >= 1" in steps_problem(0, 2)
+    assert "steps must be >= 1" in steps_problem(-4, 2)
 
 
 def test_segment_endpoints_carry_each_row_through_its_own_segment() -> None:

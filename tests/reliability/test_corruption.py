@@ -82,7 +82,7 @@ def test_wrong_schema_version(repo):
 
 @pytest.mark.parametrize("damage", ["truncated", "altered"])
 def test_damaged_model_checkpoint(repo, damage):
-    weights = repo / "artifacts/dit/diffusion_pytorch_model.safetensors"
+    weights = repo / "artifacts/dit/transformer/diffusion_pytorch_model.safetensors"
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     else:

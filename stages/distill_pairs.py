@@ -1,0 +1,80 @@
+"""`distill_pairs`: the pairs a one-step student learns from, made by the straightest model of the chain.
+
+The source model (`distill.source`: rf1, rf@k or seqrf) is integrated with Euler (segment by segment for
+seqrf) from per-sample noise, `distill.solver_steps` steps in all. With `distill.per_segment` the rows are
+SeqRF segment endpoints instead, row i in segment `i mod K`. Rows are seeded per sample, sharded and
+resumable like every coupling.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from models.dit import load_dit
+from reflow.rectified import velocity_field
+from reflow.samplers import Euler, time_grid
+from reflow.seeds import balanced_labels, per_sample_noise, sample_seeds
+from reflow.seqrf import Segmented, segment_endpoints
+from runtime.context import StageContext
+from runtime.devices import generation_device
+from runtime.main import stage_main
+from runtime.pairs import generate_pairs, pair_schema, segment_rows, segment_schema
+from runtime.spec import StageSpec
+from runtime.velocity import teacher_meta
+from storage.checkpoints import read_meta
+
+SPEC = StageSpec(
+    name="distill_pairs",
+    params=("compute", "distill"),
+    deps={"source": "artifacts/${distill.source}", "teacher_pairs": "artifacts/teacher_pairs", "dit": "artifacts/dit"},
+    outs={"pairs": "artifacts/distill_pairs"},
+    metrics="metrics/distill_pairs.json",
+)
+
+
+def run(ctx: StageContext) -> dict:
+    p = ctx.params.distill
+    device = generation_device(ctx.params.compute)
+    meta = teacher_meta(ctx)
+    shape, null = tuple(meta["latent_shape"]), meta["null_label"]
+    source_dir = ctx.dep("source") / "transformer"
+    source = load_dit(source_dir).to(device).eval()
+    boundaries = read_meta(source_dir).get("boundaries")  # a SeqRF source integrates segment by segment
+    k = 1 if boundaries is None else len(boundaries) - 1
+    sampler, steps = (Euler(), p.solver_steps) if boundaries is None else (Segmented(tuple(boundaries)),
+                                                                            max(1, p.solver_steps // k) * k)
+
+    @torch.inference_mode()
+    def make_batch(start: int, stop: int) -> dict[str, np.ndarray]:
+        seeds = sample_seeds(p.seed, start, stop)
+        y = balanced_labels(start, stop, meta["num_classes"])
+        z0 = per_sample_noise(seeds, shape).to(device)
+
+        def field_for(rows):
+            return velocity_field(source, torch.from_numpy(y[rows]).to(device), null_label=null)
+
+        rows = {"label": y, "seed": np.asarray(seeds, dtype=np.int64)}
+        if p.per_segment:
+            segment = np.arange(start, stop) % k
+            segment_times = [time_grid(a, b, steps // k) for a, b in zip(boundaries[:-1], boundaries[1:], strict=True)]
+            x_start, x_end = segment_endpoints(field_for, z0, segment, segment_times)
+            return {**rows, **segment_rows(x_start, x_end, segment, boundaries)}
+        z1 = sampler(field_for(np.arange(len(y))), z0, steps).x
+        return {**rows, "z0": z0.float().cpu().numpy(), "z1": z1.float().cpu().numpy()}
+
+    attrs = {"source": p.source, "solver": "euler", "solver_steps": p.solver_steps, "per_segment": p.per_segment,
+             "base_seed": p.seed, **({"boundaries": boundaries} if boundaries else {}), **meta}
+    return generate_pairs(ctx, n_rows=p.num_samples, shard_rows=min(p.shard_size, p.num_samples),
+                          batch_size=p.pairs_batch_size, attrs=attrs, make_batch=make_batch, desc=ctx.spec.name,
+                          schema=segment_schema(shape) if p.per_segment else pair_schema(shape), out=ctx.out("pairs"))
+
+
+def main() -> int:
+    return stage_main(SPEC, run, distributed=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,8 +24,8 @@ from storage.tracking import path_tag, tag_path
 pytestmark = pytest.mark.e2e
 # Stages with an MLflow run; `validate` runs before them.
 STAGES = ["prepare", "fid_features", "vae", "extract", "fid_reference", "dit", "teacher_pairs", "evaluate@dit", "rf1",
-          "evaluate@rf1", "reflow_pairs@2", "seqrf_pairs", "rf@2", "seqrf", "distill_pairs", "distill",
-          "evaluate@rf2", "evaluate@seqrf", "evaluate@distill", "report"]
+          "evaluate@rf1", "reflow_pairs@2", "seqrf_pairs", "rf@2", "seqrf", "distill_pairs", "evaluate@rf2",
+          "evaluate@seqrf", "distill", "evaluate@distill", "report"]
 EVALUATED = {"dit": "dit", "rf1": "rf1", "rf2": "rf@2", "seqrf": "seqrf", "distill": "distill"}
 
 
@@ -72,9 +72,9 @@ def test_dvc_repro_produces_every_artifact(repo):
     assert segments.attrs["boundaries"] == [0.0, 0.5, 1.0] and segments.attrs["from_model"] == "artifacts/rf1"
     assert segments.load("segment").tolist() == [i % 2 for i in range(segments.n_rows)]
     assert np.array_equal(segments.load("t_start"), np.where(segments.load("segment") == 0, 0.0, 0.5))
-    extractor = json.loads((repo / "artifacts/fid_features/reflow.json").read_text())
+    extractor = json.loads((repo / "artifacts/fid_features/classifier/reflow.json").read_text())
     assert extractor["kind"] == "fid_features" and 0.0 <= extractor["held_out_accuracy"] <= 1.0
-    assert (repo / "artifacts/fid_features/diffusion_pytorch_model.safetensors").is_file()
+    assert (repo / "artifacts/fid_features/classifier/diffusion_pytorch_model.safetensors").is_file()
     for model in ("rf1", "rf@2", "seqrf", "distill"):
         assert (repo / f"artifacts/{model}/transformer/config.json").is_file()
         assert (repo / f"artifacts/{model}/grid.png").stat().st_size > 0
@@ -87,7 +87,7 @@ def test_every_model_is_measured_on_one_protocol(repo):
     from storage.hashing import file_sha256
 
     reference_hash = open_dataset(repo / "artifacts/prepare/reference.zarr", kind="images").attrs["content_hash"]
-    extractor_hash = file_sha256(repo / "artifacts/fid_features/diffusion_pytorch_model.safetensors")
+    extractor_hash = file_sha256(repo / "artifacts/fid_features/classifier/diffusion_pytorch_model.safetensors")
     for key, model in EVALUATED.items():
         results = json.loads((repo / f"artifacts/evaluate@{key}/results.json").read_text())
         protocol = results["protocol"]
@@ -125,7 +125,7 @@ def test_generators_extractor_and_reference_never_share_an_image(repo):
         assert open_dataset(repo / f"artifacts/prepare/{a}.zarr").attrs["content_hash"] == splits[a]["content_hash"]
         for b in names[i + 1 :]:
             assert not set(rows[a].tolist()) & set(rows[b].tolist()), (a, b)
-    extractor = json.loads((repo / "artifacts/fid_features/reflow.json").read_text())
+    extractor = json.loads((repo / "artifacts/fid_features/classifier/reflow.json").read_text())
     assert extractor["fit_split"]["content_hash"] == splits["features"]["content_hash"]
     assert extractor["held_out_split"]["content_hash"] == splits["floor"]["content_hash"]
     latents = open_dataset(repo / "artifacts/extract/latents.zarr", kind="latents")
@@ -225,7 +225,7 @@ def test_prefect_flow_skips_everything_then_reruns_only_what_changed(repo, prefe
     edit_params(repo, "distill", "seed", 99)
     outcomes = pipeline(root=str(repo))
     status = {o["stage"]: o["status"] for o in outcomes}
-    rerun = ["validate", "distill", "evaluate@distill", "report"]  # the changed stage and its downstream
+    rerun = ["validate", "distill_pairs", "distill", "evaluate@distill", "report"]  # the changed stages, downstream
     assert [s for s in status if status[s] == "executed"] == rerun
     assert {status[s] for s in status if s not in rerun} == {"skipped_up_to_date"}
 
@@ -236,7 +236,7 @@ def test_prefect_flow_skips_everything_then_reruns_only_what_changed(repo, prefe
     assert parent.data.tags["reflow.kind"] == "pipeline"
     assert child.data.tags["reflow.pipeline_run_id"] == parent.data.tags["reflow.pipeline_run_id"]
     assert parent.data.tags["reflow.executed"] == ",".join(rerun)
-    pairs = open_dataset(repo / "artifacts/distill/pairs.zarr", kind="pairs")
+    pairs = open_dataset(repo / "artifacts/distill_pairs/pairs.zarr", kind="pairs")
     assert pairs.attrs["base_seed"] == 99 and pairs.attrs["source"] == "rf@2"
 
 
@@ -282,7 +282,10 @@ def test_dvc_exp_run_lands_in_the_workspace_mlflow_store(repo):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Running stage 'distill'" in res.stdout and "Running stage 'rf1'" not in res.stdout
     runs = [r for r in mlflow_runs(repo) if r.data.tags.get("reflow.dvc_exp_name") == "seed7"]
-    assert [r.data.tags["reflow.stage"] for r in runs] == ["distill"]
+    # distill.seed keys the pairs' noise: distill_pairs makes new ones, and distill trains on them.
+    assert sorted(r.data.tags["reflow.stage"] for r in runs) == ["distill", "distill_pairs"]
+    pairs_run = next(r for r in runs if r.data.tags["reflow.stage"] == "distill_pairs")
+    runs = [r for r in runs if r.data.tags["reflow.stage"] == "distill"]
     assert runs[0].data.params["distill.seed"] == "7" and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["reflow.dvc_exp_baseline"] == subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
@@ -293,10 +296,10 @@ def test_dvc_exp_run_lands_in_the_workspace_mlflow_store(repo):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
-    assert report["b"]["kind"] == "dvc experiment" and report["first_divergent"] == ["distill"]
-    distill = next(d for d in report["stages"] if d["stage"] == "distill")
-    assert [p[0] for p in distill["params"]] == ["distill.seed"] and distill["params"][0][2] == "7"
-    assert report["mlflow"]["distill"]["run_ids"][1] == runs[0].info.run_id
+    assert report["b"]["kind"] == "dvc experiment" and report["first_divergent"] == ["distill_pairs"]
+    first = next(d for d in report["stages"] if d["stage"] == "distill_pairs")
+    assert [p[0] for p in first["params"]] == ["distill.seed"] and first["params"][0][2] == "7"
+    assert report["mlflow"]["distill_pairs"]["run_ids"][1] == pairs_run.info.run_id
 
 
 def test_teacher_pairs_killed_mid_way_resume_to_identical_pairs(repo):

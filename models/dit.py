@@ -21,8 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers: a missing hub 
 from diffusers import DiTTransformer2DModel  # noqa: E402
 from diffusers.models.embeddings import LabelEmbedding, Timesteps  # noqa: E402
 
-# The network sees time as t * TIME_SCALE: DiT's sinusoidal embedding was built for steps 0..999.
+# Velocity models see flow time t on the teacher's timestep axis, timestep = (1 - t) * TIME_SCALE: noise (t = 0) is
+# the teacher's step 999 and data (t = 1) its step 0, so the embedding they inherit from it starts the right way round.
 TIME_SCALE = 999.0
+TIME_AXIS = "timestep = (1 - t) * 999"  # recorded with every velocity model; a model is sampled on the axis it learned
 REFERENCE_NORM_EPS = 1e-6  # facebookresearch/DiT's LayerNorm epsilon (diffusers defaults to 1e-5)
 DIT_SUBFOLDER = "transformer"  # where a diffusers DiTPipeline folder keeps its DiT, and every stage its DiT
 
@@ -135,9 +137,14 @@ def dit_epsilon(model: DiTTransformer2DModel, x: torch.Tensor, timesteps: torch.
     return out[:, : x.shape[1]]
 
 
+def flow_timestep(t: torch.Tensor) -> torch.Tensor:
+    """The teacher's timestep for flow time `t` (t = 0 noise, t = 1 data): `(1 - t) * 999` (docs/method.md, 1)."""
+    return (1 - t) * TIME_SCALE
+
+
 def dit_velocity(model: DiTTransformer2DModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-    """Velocity prediction at time t in [0, 1] (t = 0 noise, t = 1 data); the network sees t * 999."""
-    out = model(x, timestep=t * TIME_SCALE, class_labels=y).sample
+    """Velocity prediction at time t in [0, 1] (t = 0 noise, t = 1 data), on the teacher's timestep axis."""
+    out = model(x, timestep=flow_timestep(t), class_labels=y).sample
     return out[:, : x.shape[1]]
 
 

@@ -17,6 +17,7 @@ coupling the next round straightens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -46,19 +47,36 @@ def interpolate(z0: Tensor, z1: Tensor, t: Tensor | float) -> Tensor:
     return (1 - t) * z0 + t * z1
 
 
-def sample_time(n: int, *, distribution: Literal["uniform", "logit_normal"], eps: float,
-                generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                loc: float = 0.0, scale: float = 1.0) -> Tensor:
+TimeDistribution = Literal["uniform", "logit_normal", "u_shaped"]
+U_SHAPE = 4.0  # 2-RF++'s a: each end is (e^a + 1) / (2 e^(a/2)), about 3.8 times as likely as the middle
+
+
+def u_shaped_density(t: Tensor, a: float = U_SHAPE) -> Tensor:
+    """2-RF++'s time density on [0, 1], `a (exp(a t) + exp(a (1 - t))) / (2 (exp(a) - 1))`: heavy at both ends,
+    symmetric about 1/2 (an exponential on [0, 1] and its mirror, half and half)."""
+    return a * (torch.exp(a * t) + torch.exp(a * (1 - t))) / (2 * math.expm1(a))
+
+
+def sample_time(n: int, *, distribution: TimeDistribution, eps: float, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None, loc: float = 0.0, scale: float = 1.0) -> Tensor:
     """Training times, shape `[n]`, in `[eps, 1]` (docs/method.md, "Training times").
 
-    `uniform` is uniform on `[eps, 1]`; `logit_normal` is `sigmoid(N(loc, scale^2))` clipped to
-    `[eps, 1]` (it weights the middle of the path, where the velocity is hardest to predict).
+    `uniform` is uniform on `[eps, 1]`; `logit_normal` is `sigmoid(N(loc, scale^2))` clipped to `[eps, 1]` (it
+    weights the middle of the path, where the velocity is hardest to predict); `u_shaped` is 2-RF++'s density
+    for reflow rounds (Lee, Lin & Fanti 2024), which weights both ends, where a nearly straight flow's errors
+    remain; drawn as `log(1 + u (exp(a) - 1)) / a` (the exponential's inverse CDF), mirrored to `1 - t` for
+    half of the samples by a second uniform, clipped to `[eps, 1]`.
     """
     if distribution == "uniform":
         return eps + (1 - eps) * torch.rand(n, generator=generator, device=device)
     if distribution == "logit_normal":
         return torch.sigmoid(loc + scale * torch.randn(n, generator=generator, device=device)).clamp(eps, 1.0)
-    raise ValueError(f"unknown time distribution {distribution!r}; expected 'uniform' or 'logit_normal'")
+    if distribution == "u_shaped":
+        u = torch.rand(n, generator=generator, device=device)
+        mirrored = torch.rand(n, generator=generator, device=device) < 0.5
+        t = torch.log1p(u * math.expm1(U_SHAPE)) / U_SHAPE
+        return torch.where(mirrored, 1 - t, t).clamp(eps, 1.0)
+    raise ValueError(f"unknown time distribution {distribution!r}; expected one of {list(TimeDistribution.__args__)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,7 +164,7 @@ class RectifiedFlow:
     """
 
     def __init__(self, *, coupling: Coupling, null_label: int, label_dropout: float = 0.1,
-                 time_distribution: Literal["uniform", "logit_normal"] = "uniform", time_eps: float = 1e-3,
+                 time_distribution: TimeDistribution = "uniform", time_eps: float = 1e-3,
                  loss: str = "mse", flip_prob: float = 0.0, network: Network = dit_velocity):
         self.coupling, self.null_label, self.label_dropout = coupling, null_label, label_dropout
         self.time_distribution, self.time_eps, self.distance = time_distribution, time_eps, distance(loss)

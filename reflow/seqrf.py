@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import overload
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from models.dit import dit_velocity
 from reflow.diffusion import drop_labels
 from reflow.losses import distance
-from reflow.rectified import interpolate, sample_time
+from reflow.rectified import TimeDistribution, interpolate, sample_time
 from reflow.samplers import Field, SampleResult, euler_on_grid, time_grid
 from reflow.segments import steps_problem
 
@@ -31,67 +31,71 @@ def uniform_boundaries(k: int) -> list[float]:
     return [i / k for i in range(k + 1)]
 
 
-def _segment_costs(trajectory_x: Tensor, times: Tensor) -> Tensor:
-    """`cost[i, j]` = straightness error of the segment from grid point `i` to `j` (`i < j`), else inf.
+def _segment_costs(trajectory_x: Tensor, times: Tensor, min_length: float = 0.0) -> Tensor:
+    """`cost[i, j]`: the velocity gap of the segment from grid point `i` to `j`, times its length (inf when
+    `j <= i` or the segment is shorter than `min_length`).
 
-    The error is `sum_{m=i..j} mean ||x_m - chord_{ij}(t_m)||^2` (mean over batch and dimensions), with
-    `chord_{ij}(t) = x_i + (t - t_i) / (t_j - t_i) * (x_j - x_i)`. Expanding the square, everything is a
-    function of the Gram matrix `G[p, q] = mean(x_p * x_q)`, computed once in float64.
+    With `u_m = (x_{m+1} - x_m) / (t_{m+1} - t_m)` the flow's velocity on each fine step and `s_ij` the
+    segment's chord slope (the Δt-weighted mean of the `u_m` inside it), the cost is
+    `sum_m Δt_m mean ||u_m - s_ij||^2 = (t_j - t_i) * (mean velocity gap)` (mean over batch and dimensions):
+    zero exactly when the flow moves at constant velocity inside the segment, which one Euler step integrates
+    exactly. It expands to `sum_m Δt_m ||u_m||^2 - ||x_j - x_i||^2 / (t_j - t_i)`: prefix sums and a Gram
+    matrix `G[p, q] = mean(x_p * x_q)`, in float64.
     """
     n = trajectory_x.shape[0]
     flat = trajectory_x.reshape(n, -1).to(torch.float64)
-    gram = flat @ flat.T / flat.shape[1]
     t = times.to(torch.float64)
-    cost = torch.full((n, n), float("inf"), dtype=torch.float64)
+    dt = t[1:] - t[:-1]
+    speed_sq = (flat[1:] - flat[:-1]).pow(2).mean(dim=1) / dt  # Δt_m ||u_m||^2
+    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), speed_sq.cumsum(0)])
+    gram = flat @ flat.T / flat.shape[1]
     diag = gram.diagonal()
-    for i in range(n - 1):
-        # Rows are segment ends j > i, columns are grid points m; a = x_m - x_i, b = x_j - x_i.
-        j, m = torch.arange(i + 1, n), torch.arange(n)
-        s = (t[None, :] - t[i]) / (t[j] - t[i])[:, None]  # position of t_m along the chord
-        inside = (m[None, :] >= i) & (m[None, :] <= j[:, None])
-        a_sq = diag + diag[i] - 2 * gram[i]
-        a_dot_b = gram[j] - gram[i][None, :] - gram[i, j][:, None] + gram[i, i]
-        b_sq = diag[j] + diag[i] - 2 * gram[i, j]
-        err = a_sq[None, :] - 2 * s * a_dot_b + s * s * b_sq[:, None]
-        cost[i, j] = torch.where(inside, err.clamp_min(0), 0).sum(dim=1)
-    return cost
+    length = t[None, :] - t[:, None]  # [i, j]
+    chord_sq = diag[:, None] + diag[None, :] - 2 * gram  # ||x_j - x_i||^2
+    cost = (prefix[None, :] - prefix[:, None]) - chord_sq / torch.where(length > 0, length, 1.0)
+    valid = (length > 0) & (length >= min_length - 1e-12)
+    return torch.where(valid, cost.clamp_min(0), torch.inf)
 
 
-def adaptive_boundaries(trajectory_x: Tensor, times: Tensor, k: int) -> list[float]:
-    """K segment boundaries, chosen among `times`, that minimise the summed straightness error.
+def adaptive_boundaries(trajectory_x: Tensor, times: Tensor, k: int, *, min_length: float = 0.0) -> list[float]:
+    """K segment boundaries, chosen among `times`, that minimise the summed cost of `_segment_costs`.
 
-    `trajectory_x` is a fine trajectory `[T + 1, B, ...]` at `times` `[T + 1]` (increasing, from 0 to 1).
-    A segment's error is `sum_{m=i..j} mean ||x_m - chord_{ij}(t_m)||^2` over the grid points inside it
-    (`chord_{ij}` is the straight line from `x_i` at `t_i` to `x_j` at `t_j`; mean over batch and
-    dimensions): zero exactly when the trajectory is a straight line travelled at constant speed inside
-    the segment, which is what one Euler step per segment integrates exactly. An exact dynamic program
-    picks the K segments with the least total error, O(K T^2).
+    `trajectory_x` is a fine trajectory `[T + 1, B, ...]` at `times` `[T + 1]` (increasing, from 0 to 1). A
+    segment costs its length times its mean velocity gap, SeqRF's criterion: the squared distance between the
+    flow's velocity and the segment's chord slope, integrated over the segment. Segments shorter than
+    `min_length` are not allowed (a very short segment costs almost nothing, yet spends a whole evaluation).
+    An exact dynamic program picks the K segments with the least total cost, O(K T^2).
     """
     n = trajectory_x.shape[0]
     if times.shape != (n,):
         raise ValueError(f"times must have shape [{n}], got {tuple(times.shape)}")
     if not 1 <= k <= n - 1:
         raise ValueError(f"k must be in [1, {n - 1}] for a trajectory of {n} points, got {k}")
-    cost = _segment_costs(trajectory_x, times)
-    # best[s, j]: least error covering grid points 0..j with s segments; parent[s, j]: previous boundary.
+    if k * min_length > 1 + 1e-12:
+        raise ValueError(f"{k} segments of at least {min_length} do not fit in [0, 1]")
+    cost = _segment_costs(trajectory_x, times, min_length)
+    # best[s, j]: least cost covering grid points 0..j with s segments; parent[s, j]: previous boundary.
     best = torch.full((k + 1, n), float("inf"), dtype=torch.float64)
     parent = torch.zeros((k + 1, n), dtype=torch.long)
     best[0, 0] = 0.0
     for s in range(1, k + 1):
         totals = best[s - 1][:, None] + cost  # [i, j]
         best[s], parent[s] = totals.min(dim=0)
+    if not torch.isfinite(best[k, n - 1]):
+        raise ValueError(f"no {k} segments of at least {min_length} end on this grid of {n - 1} steps")
     indices = [n - 1]
     for s in range(k, 0, -1):
         indices.append(int(parent[s, indices[-1]]))
     return [float(times[i]) for i in reversed(indices)]
 
 
-def trajectory_boundaries(field: Field, z0: Tensor, grid: Sequence[float], k: int) -> list[float]:
+def trajectory_boundaries(field: Field, z0: Tensor, grid: Sequence[float], k: int, *,
+                          min_length: float = 0.0) -> list[float]:
     """Adaptive boundaries from the flow's own fine Euler trajectory on `grid` from `z0` (a probe batch)."""
     with torch.inference_mode():
         trajectory = euler_on_grid(field, z0, grid, return_trajectory=True).trajectory
     return adaptive_boundaries(torch.stack([x.float().cpu() for _, x in trajectory]),
-                               torch.tensor(grid, dtype=torch.float64), k)
+                               torch.tensor(grid, dtype=torch.float64), k, min_length=min_length)
 
 
 def snap_to_grid(boundaries: Sequence[float], teacher_steps: int) -> list[int]:
@@ -197,7 +201,7 @@ class SegmentObjective:
     """
 
     def __init__(self, *, null_label: int, label_dropout: float = 0.1,
-                 time_distribution: Literal["uniform", "logit_normal"] = "uniform", time_eps: float = 1e-3,
+                 time_distribution: TimeDistribution = "uniform", time_eps: float = 1e-3,
                  loss: str = "mse", one_step: bool = False):
         self.null_label, self.label_dropout, self.distance = null_label, label_dropout, distance(loss)
         self.time_distribution, self.time_eps, self.one_step = time_distribution, time_eps, one_step

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from models.dit import dit_epsilon, load_dit
+from models.dit import TIME_AXIS, dit_epsilon, load_dit
 from reflow.rectified import velocity_field
 from reflow.samplers import DDIM, SampleResult, guided, straightness
 from reflow.samplers import SOLVERS as VELOCITY_SOLVERS
@@ -97,6 +97,15 @@ def model_folder(path: str | Path) -> Path:
     return path / "transformer" if (path / "transformer" / "config.json").is_file() else path
 
 
+def require_time_axis(meta: dict, folder: Path) -> None:
+    """A velocity model must have learned the time axis this code feeds it (`models.dit.TIME_AXIS`)."""
+    recorded = meta.get("time_convention", "")
+    if TIME_AXIS not in recorded:
+        raise GeneratorError(f"{folder}: a velocity model trained with another time axis ({recorded!r}); this version "
+                             f"feeds velocity models {TIME_AXIS!r}. Retrain it (`dvc repro` does), or sample it with "
+                             "the version that trained it")
+
+
 def load_generator(path: str | Path, *, teacher_guidance: float | None = None) -> Generator:
     """The model in `path` (an artifact folder or its `transformer/`) with what its metadata says about it.
 
@@ -112,6 +121,7 @@ def load_generator(path: str | Path, *, teacher_guidance: float | None = None) -
     if meta.get("objective") != "rectified_flow_velocity":
         raise GeneratorError(f"{folder}: not a model of this pipeline (meta kind {meta.get('kind')!r}, objective "
                              f"{meta.get('objective')!r}); expected the DiT teacher or a velocity model")
+    require_time_axis(meta, folder)
     return Generator(load_dit(folder).eval(), "velocity", meta, folder, 1.0)
 
 

@@ -10,6 +10,7 @@ the same scratch dataset and the main process finalizes it: the same bytes as on
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +18,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from measure.pairs import SAMPLE_ROWS, pair_diagnostics
 from runtime.context import StageContext
 from runtime.devices import generation_autocast
 from storage.atomic import atomic_dir
+from storage.datasets import REQUIRED_ATTRS, open_dataset, write_dataset
 from storage.sharded import ShardedWriter
 
 Schema = dict[str, tuple[tuple[int, ...], str]]
@@ -47,12 +50,14 @@ def segment_rows(x_start, x_end, segment: np.ndarray, boundaries: list[float]) -
 def generate_pairs(
     ctx: StageContext, *, n_rows: int, shard_rows: int, batch_size: int, schema: Schema, attrs: dict,
     make_batch: BatchFn, desc: str, out: Path, also: Callable[[Path], None] | None = None,
+    drop_farthest: float = 0.0,
 ) -> dict[str, float]:
     """Write every shard of `n_rows` rows into the scratch area, then the dataset into `out/pairs.zarr`.
 
     In every process of the stage: each generates its share of the unfinished shards, and all wait until
     every shard is on disk. The main process then writes the output in one atomic rename, with whatever
-    `also(folder)` adds beside the pairs. Returns the throughput.
+    `also(folder)` adds beside the pairs, keeping all rows but the `drop_farthest` fraction with the largest
+    `||z1 - z0||` when it is above 0 (Re-MeanFlow's filter). Returns the throughput.
     """
     writer = ShardedWriter(ctx.scratch / "pairs.zarr", n_rows=n_rows, shard_rows=shard_rows, schema=schema,
                            kind="pairs", attrs=attrs, **ctx.attrs())
@@ -87,6 +92,40 @@ def generate_pairs(
     if ctx.is_main:  # the other processes wrote their shards; the main one writes the output
         with atomic_dir(out) as tmp:
             writer.finalize(tmp / "pairs.zarr")
+            if drop_farthest > 0:
+                stats |= drop_farthest_pairs(tmp / "pairs.zarr", drop_farthest, ctx.attrs())
             if also is not None:
                 also(tmp)
+        stats |= diagnose(out / "pairs.zarr")
+    return stats
+
+
+def drop_farthest_pairs(path: Path, fraction: float, made_by: dict[str, str]) -> dict[str, float]:
+    """Rewrite the pairs at `path` without the `fraction` of rows whose `||z1 - z0||` is largest (ties kept in
+    row order); the kept rows keep their order, the attrs say what was dropped. Loads the set into RAM."""
+    pairs = open_dataset(path, kind="pairs")
+    arrays = {name: pairs.load(name) for name in pairs.names}
+    distance = np.linalg.norm((arrays["z1"] - arrays["z0"]).reshape(pairs.n_rows, -1).astype(np.float64), axis=1)
+    n_keep = pairs.n_rows - int(round(fraction * pairs.n_rows))
+    keep = np.sort(np.argsort(distance, kind="stable")[:n_keep])
+    threshold = float(distance[keep].max())
+    attrs = {k: v for k, v in pairs.attrs.items() if k not in REQUIRED_ATTRS}
+    attrs |= {"dropped_farthest": fraction, "distance_threshold": threshold, "rows_generated": pairs.n_rows}
+    write_dataset(path, {name: a[keep] for name, a in arrays.items()}, kind="pairs", attrs=attrs, **made_by)
+    return {"pairs": float(n_keep), "pairs_dropped": float(pairs.n_rows - n_keep), "distance_threshold": threshold}
+
+
+def diagnose(path: Path) -> dict[str, float]:
+    """The pair set's diagnostics (`measure.pairs`) on its first rows, with a warning when its ends look swapped
+    (a warning, not a refusal: inverted real latents, `reflow.direction: from_z1`, are only close to Gaussian)."""
+    pairs = open_dataset(path, kind="pairs")
+    start, end = ("z0", "z1") if "z0" in pairs.names else ("x_start", "x_end")
+    n = min(SAMPLE_ROWS, pairs.n_rows)
+    stats = pair_diagnostics(pairs.read(start, 0, n), pairs.read(end, 0, n))
+    if start == "x_start":  # segment endpoints: neither end is the noise, only the distances mean anything
+        stats = {k: v for k, v in stats.items() if k.startswith("pairs_distance")}
+    elif stats["pairs_swapped"]:
+        print(f"warning: {path}: z1 looks more like standard Gaussian noise than z0 does (Gaussian gap "
+              f"{stats['pairs_z1_gaussian_gap']:.3f} against {stats['pairs_z0_gaussian_gap']:.3f}): are the pairs "
+              "written the wrong way round?", file=sys.stderr)
     return stats

@@ -78,6 +78,30 @@ class Params(Strict):
         min_length=1, description="evaluate@<key> -> the model it measures (add rf3: rf@3 with a third round)")
 
     @model_validator(mode="after")
+    def _starts_follow_the_coupling(self) -> Params:
+        """A paired 1-RF's data end is the teacher's distribution, not the data's: points made by noising or
+        inverting real latents are off the flow the sampler follows (docs/method.md, section 6)."""
+        if self.rf1.coupling != "paired":
+            return self
+        if self.seqrf.start == "noised_data":
+            raise ValueError("seqrf.start: noised_data starts segments from real latents noised with fresh noise, "
+                             "which a 1-RF trained on the teacher's pairs (rf1.coupling: paired) never visits: set "
+                             "seqrf.start: teacher_trajectory, or rf1.coupling: independent")
+        if self.reflow.direction == "from_z1":
+            raise ValueError("reflow.direction: from_z1 inverts real latents through a flow whose data end is the "
+                             "teacher's samples (rf1.coupling: paired), not the data: set reflow.direction: from_z0, "
+                             "or rf1.coupling: independent")
+        return self
+
+    @model_validator(mode="after")
+    def _mirrors_need_mirror_symmetric_data(self) -> Params:
+        if self.reflow.flip_prob > 0 and not self.dit.mirrored:
+            raise ValueError(f"reflow.flip_prob={self.reflow.flip_prob} mirrors pairs, but the data is not declared "
+                             "mirror-symmetric (dit.mirrored: false; a mirrored digit is not a digit): set "
+                             "reflow.flip_prob: 0, or dit.mirrored: true for data whose mirror images are data")
+        return self
+
+    @model_validator(mode="after")
     def _rounds_chain_from_1rf(self) -> Params:
         expected = {str(k): ("rf1" if k == 2 else f"rf@{k - 1}") for k in range(2, 2 + len(self.reflow_rounds))}
         if self.reflow_rounds != expected:

@@ -80,6 +80,8 @@ class TeacherPairsParams(Strict):
     guidance_scale: float = Field(2.0, ge=0.0)  # 1 = no guidance; applied to every latent channel
     batch_size: PositiveInt = 256
     shard_size: PositiveInt = 256  # rows per resumable shard
+    drop_farthest: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "drop this fraction of pairs with the largest ||z1 - z0|| (Re-MeanFlow's filter)"))
     seed: int = 1234
     grid_samples: PositiveInt = 100
 
@@ -87,8 +89,8 @@ class TeacherPairsParams(Strict):
 class VelocityTrainParams(TrainParams):
     """Training a velocity model v(x_t, t, y) on a coupling (docs/method.md, section 1: t = 0 noise, t = 1 data)."""
 
-    time_distribution: Literal["uniform", "logit_normal"] = Field(
-        "uniform", description="uniform on [time_eps, 1] | logit_normal")
+    time_distribution: Literal["uniform", "logit_normal", "u_shaped"] = Field(
+        "uniform", description="uniform on [time_eps, 1] | logit_normal | u_shaped (2-RF++, for reflow rounds)")
     time_eps: float = Field(1e-3, ge=0.0, lt=1.0)  # times drawn from [eps, 1]
     loss: Literal["mse", "pseudo_huber"] = Field("mse", description="mse | pseudo_huber")
     label_dropout: Decay = 0.1
@@ -119,9 +121,14 @@ class ReflowParams(VelocityTrainParams):
     num_samples: PositiveInt = 1024
     pairs_batch_size: PositiveInt = 256
     shard_size: PositiveInt = 256
+    drop_farthest: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "drop this fraction of pairs with the largest ||z1 - z0|| (Re-MeanFlow's filter)"))
     seed: int = 4321
     anneal_warmup_steps: int = Field(0, ge=0, description="SlimFlow's annealing reflow; 0 = off")
-    flip_prob: float = Field(0.0, ge=0.0, le=1.0, description="mirror z0 and z1 together")
+    flip_prob: float = Field(0.0, ge=0.0, le=1.0, description="mirror z0 and z1 together (in latent space: needs "
+                             "dit.mirrored and a flip-equivariant VAE)")
+    max_flip_error: float = Field(0.05, ge=0.0, description="flip_prob > 0: the largest VAE flip-equivariance "
+                                  "error allowed, ||E(flip x) - flip E(x)||^2 / ||E(x)||^2 (extract measures it)")
     steps: PositiveInt = Field(
         600, description="2-RF starts from 1-RF on straighter pairs: its loss is flat from step 400 (0.026)")
 
@@ -132,8 +139,10 @@ class SeqRFParams(VelocityTrainParams):
     segments: PositiveInt = Field(4, description="K: one Euler step per segment samples with K evaluations")
     boundaries: Literal["uniform", "adaptive"] = Field(
         "uniform", description="uniform | adaptive (dynamic program over a fine teacher trajectory)")
+    min_segment: float = Field(0.05, ge=0.0, lt=1.0, description="adaptive: the shortest segment allowed")
     start: Literal["noised_data", "teacher_trajectory"] = Field(  # where a segment's x_{t_i} comes from
-        "noised_data", description="noised_data (real latents noised to t_i) | teacher_trajectory")
+        "teacher_trajectory", description="teacher_trajectory (the 1-RF flow's own path, what the sampler visits) "
+        "| noised_data (real latents noised to t_i: needs rf1.coupling independent)")
     teacher_steps: PositiveInt = 64  # Euler steps of the 1-RF teacher over [0, 1] (fine trajectory)
     num_samples: PositiveInt = 1024  # segment-endpoint pairs
     pairs_batch_size: PositiveInt = 256
@@ -149,6 +158,9 @@ class SeqRFParams(VelocityTrainParams):
         if self.segments > self.teacher_steps:
             raise ValueError(f"seqrf.segments={self.segments} is larger than seqrf.teacher_steps="
                              f"{self.teacher_steps}: each segment needs at least one teacher step")
+        if self.segments * self.min_segment > 1:
+            raise ValueError(f"seqrf.segments={self.segments} segments of at least seqrf.min_segment="
+                             f"{self.min_segment} do not fit in [0, 1]")
         uneven = uneven_steps(self.eval_steps, self.segments)
         if uneven:
             raise ValueError(f"seqrf.eval_steps {uneven} are not multiples of seqrf.segments={self.segments}: "
@@ -173,6 +185,8 @@ class DistillParams(VelocityTrainParams):
     seed: int = 1357
     pairs_batch_size: PositiveInt = 256  # the distill_pairs stage's generation batch
     shard_size: PositiveInt = 256  # rows per resumable shard
+    drop_farthest: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "drop this fraction of pairs with the largest ||z1 - z0|| (Re-MeanFlow's filter)"))
     per_segment: bool = Field(
         False, description="source seqrf: one step per segment (SeqRF's distillation) instead of one in all")
     # LPIPS on decoded images, added to `loss` when both local weight files are given (nothing is downloaded):

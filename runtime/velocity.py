@@ -19,11 +19,12 @@ import torch
 
 from imagedata.grids import save_grid
 from measure.metrics import EULER, flow_errors
-from models.dit import DIT_SUBFOLDER, build_dit, init_where_shapes_match, load_dit
+from models.dit import DIT_SUBFOLDER, TIME_AXIS, build_dit, init_where_shapes_match, load_dit
 from models.vae import VAE_SUBFOLDER, decode_latents, load_vae
 from reflow.rectified import velocity_field
 from reflow.samplers import Solver
 from runtime.context import StageContext, train_config
+from runtime.generator import require_time_axis
 from runtime.params import ComputeParams, VelocityTrainParams
 from storage.atomic import atomic_dir
 from storage.checkpoints import read_meta, save_model
@@ -73,6 +74,9 @@ def velocity_model_like(teacher_dir, *, init_from=None, seed: int = 0, num_layer
                       attention_head_dim=attention_head_dim or cfg.attention_head_dim, learn_sigma=False, seed=seed)
     copied = 0
     if init_from is not None:
+        source = read_meta(init_from)
+        if source.get("objective") == "rectified_flow_velocity":  # the teacher's own axis needs no check
+            require_time_axis(source, Path(init_from))
         copied, _ = init_where_shapes_match(model, load_dit(init_from))
     return model, copied
 
@@ -124,7 +128,7 @@ def teacher_meta(ctx: StageContext) -> dict:
     pairs = open_dataset(ctx.dep("teacher_pairs") / "pairs.zarr", kind="pairs")
     return {"null_label": meta["null_label"], "num_classes": meta["num_classes"],
             "latent_shape": meta["latent_shape"], "scale_factor": meta["scale_factor"],
-            "time_convention": "t=0 noise z0, t=1 data z1; network sees t*999",
+            "time_convention": f"t=0 noise z0, t=1 data z1; {TIME_AXIS}",
             "teacher_guidance_scale": float(pairs.attrs["guidance_scale"])}
 
 

@@ -55,14 +55,19 @@ def run(ctx: StageContext) -> dict:
     kw = {"batch_size": p.batch_size, "posterior": p.posterior, "seed": compute.seed}
     z1 = encode(vae, images, desc="latents", **kw)
     z1_flip = encode(vae, images.flip(-1), desc="mirrored latents", **kw)
+    # A mirrored latent is the latent of the mirrored image only as far as the VAE is flip-equivariant; mirrored
+    # reflow pairs (reflow.flip_prob) are flipped in latent space and are refused when this is large.
+    flip_error = float((z1_flip - z1.flip(-1)).pow(2).mean() / z1.pow(2).mean())
     attrs = {"scale_factor": float(vae.config.scaling_factor), "posterior": p.posterior, "scaled": True,
+             "flip_equivariance_error": flip_error,
              "num_classes": train.attrs["num_classes"], "class_names": train.attrs["class_names"],
              "images": {"split": "train", "content_hash": train.attrs["content_hash"]}}  # what the DiT learns from
     with atomic_dir(ctx.out("latents")) as tmp:
         write_dataset(tmp / "latents.zarr",
                       {"z1": z1.numpy(), "z1_flip": z1_flip.numpy(), "labels": labels},
                       kind="latents", attrs=attrs, **ctx.attrs())
-    return {"latents": int(len(z1)), "latent_std": float(z1.std()), "latent_mean": float(z1.mean())}
+    return {"latents": int(len(z1)), "latent_std": float(z1.std()), "latent_mean": float(z1.mean()),
+            "flip_equivariance_error": flip_error}
 
 
 def main() -> int:

@@ -75,7 +75,7 @@ def run(ctx: StageContext) -> dict:
              "atol": p.atol, "base_seed": p.seed, **meta}
     stats = generate_pairs(ctx, n_rows=p.num_samples, shard_rows=p.shard_size, batch_size=p.pairs_batch_size,
                            attrs=attrs, make_batch=make_batch, desc=ctx.spec.name, schema=pair_schema(shape),
-                           out=ctx.out("pairs"))
+                           out=ctx.out("pairs"), drop_farthest=p.drop_farthest)
     return {**stats, "nfe_per_sample": float(nfe["per_sample"])}
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import sys
 
 from reflow.rectified import RectifiedFlow, coupling
-from runtime.context import StageContext
+from runtime.context import StageContext, StageError
 from runtime.main import stage_main
 from runtime.spec import StageSpec
 from runtime.velocity import teacher_meta, training_rows, velocity_stage
+from storage.datasets import open_dataset
 
 
 def spec(k: int | str, model: str) -> StageSpec:
@@ -21,7 +22,7 @@ def spec(k: int | str, model: str) -> StageSpec:
     return StageSpec(
         name=f"rf@{k}",
         params=("compute", "reflow"),
-        deps={"pairs": f"artifacts/reflow_pairs@{k}", "init": f"artifacts/{model}",
+        deps={"pairs": f"artifacts/reflow_pairs@{k}", "init": f"artifacts/{model}", "latents": "artifacts/extract",
               "teacher_pairs": "artifacts/teacher_pairs", "dit": "artifacts/dit", "vae": "artifacts/vae"},
         outs={"model": f"artifacts/rf@{k}"},
         metrics=f"metrics/rf@{k}.json",
@@ -33,6 +34,13 @@ def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.reflow, ctx.params.compute
     k = int(ctx.spec.name.split("@")[1])
     meta = teacher_meta(ctx)
+    if p.flip_prob > 0:  # pairs are mirrored in latent space: only as good as the VAE is flip-equivariant
+        latents = open_dataset(ctx.dep("latents") / "latents.zarr", kind="latents")
+        error = latents.attrs.get("flip_equivariance_error", float("inf"))
+        if error > p.max_flip_error:
+            raise StageError(f"reflow.flip_prob={p.flip_prob}: the VAE's flip-equivariance error is {error:.4f} "
+                             f"(artifacts/extract), above reflow.max_flip_error={p.max_flip_error}: a mirrored "
+                             "latent is not the latent of the mirrored image; set reflow.flip_prob: 0")
     data = training_rows(ctx.dep("pairs") / "pairs.zarr", meta, compute)
     objective = RectifiedFlow(coupling=coupling("paired", anneal_warmup_steps=p.anneal_warmup_steps),
                               null_label=meta["null_label"], label_dropout=p.label_dropout,

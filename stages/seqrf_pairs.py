@@ -61,7 +61,7 @@ def run(ctx: StageContext) -> dict:
     else:  # the fine 1-RF trajectory of a probe batch, from seeds no pair row uses
         y = balanced_labels(0, ADAPTIVE_PROBE, meta["num_classes"])
         z0 = per_sample_noise(sample_seeds(mix_seed(p.seed, PROBE_STREAM), 0, ADAPTIVE_PROBE), shape).to(device)
-        boundaries = trajectory_boundaries(flow(y), z0, grid, k)
+        boundaries = trajectory_boundaries(flow(y), z0, grid, k, min_length=p.min_segment)
     idx = snap_to_grid(boundaries, p.teacher_steps)
     boundaries = [grid[i] for i in idx]
     if ctx.is_main:

@@ -76,7 +76,7 @@ def run(ctx: StageContext) -> dict:
 
     stats = generate_pairs(ctx, n_rows=p.num_samples, shard_rows=p.shard_size, batch_size=p.batch_size, attrs=attrs,
                            make_batch=make_batch, desc="teacher pairs", schema=pair_schema(shape),
-                           out=ctx.out("pairs"), also=grid)
+                           out=ctx.out("pairs"), also=grid, drop_farthest=p.drop_farthest)
     if not ctx.is_main:
         return stats
     ctx.log_artifact(ctx.out("pairs") / "grid.png", "samples")

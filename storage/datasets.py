@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-_REQUIRED_ATTRS = ("kind", "schema_version", "producer", "params_hash", "content_hash", "n_rows")
+REQUIRED_ATTRS = ("kind", "schema_version", "producer", "params_hash", "content_hash", "n_rows")
 HasKey = Callable[[str], bool]  # whether a remote store holds a key
 
 
@@ -111,7 +111,7 @@ def _base_attrs(
     path: Path, *, kind: str, producer: str, params_hash: str, n_rows: int, attrs: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     extra = _jsonable_attrs(path, attrs)
-    clash = sorted(set(extra) & set(_REQUIRED_ATTRS))
+    clash = sorted(set(extra) & set(REQUIRED_ATTRS))
     if clash:
         raise _err(path, f"extra attrs may not override the standard attrs {clash}")
     return {
@@ -272,11 +272,11 @@ def _locate(
 
 
 def _check_attrs(path: str | Path, attrs: Mapping[str, Any], kind: str | None) -> None:
-    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
     if missing:
         hint = (" (an unfinished ShardedWriter output, or an interrupted write to a URL, has no content_hash)"
                 if "content_hash" in missing else "")
-        raise _err(path, f"group attrs missing {missing}; expected all of {list(_REQUIRED_ATTRS)}{hint}")
+        raise _err(path, f"group attrs missing {missing}; expected all of {list(REQUIRED_ATTRS)}{hint}")
     if attrs["schema_version"] != SCHEMA_VERSION:
         raise _err(
             path,

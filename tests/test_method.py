@@ -3,6 +3,7 @@ random-number order, the reflow step in both directions, and the straightness an
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from reflow.rectified import (
     interpolate,
     inverted_pairs,
     reflow_pairs,
+    sample_time,
 )
 from reflow.samplers import Euler, Field, Heun
 
@@ -234,3 +236,52 @@ def test_flow_errors_count_the_evaluations_of_the_given_solver() -> None:
     (z0,) = _draws(7, 1, (4, 3))
     metrics = flow_errors(Field(lambda x, t: _shear(x)), z0, z0 + _shear(z0), steps=(2, 4), sampler=Heun())
     assert (metrics["nfe_2_step"], metrics["nfe_4_step"]) == (3, 7)
+
+
+def test_the_u_shaped_time_density_integrates_to_one_and_its_draws_follow_it():
+    from reflow.rectified import u_shaped_density
+
+    grid = torch.linspace(0, 1, 100_001, dtype=torch.float64)
+    assert torch.trapezoid(u_shaped_density(grid), grid).item() == pytest.approx(1.0, abs=1e-9)
+    t = sample_time(200_000, distribution="u_shaped", eps=0.0, generator=torch.Generator().manual_seed(0))
+    assert 0.0 <= t.min() and t.max() <= 1.0
+    counts = torch.histc(t.double(), bins=10, min=0, max=1) / len(t)
+    edges = torch.linspace(0, 1, 11, dtype=torch.float64)
+    expected = torch.tensor([torch.trapezoid(u_shaped_density(g), g).item()
+                             for g in (torch.linspace(a, b, 1001, dtype=torch.float64)
+                                       for a, b in zip(edges[:-1], edges[1:], strict=True))], dtype=torch.float64)
+    assert torch.allclose(counts, expected, atol=3e-3)  # binomial sd of a bin share is about 1e-3 here
+    assert counts[0] > 2 * counts[4]  # heavy at the ends
+
+
+def test_pair_diagnostics_measure_the_distance_and_tell_the_noise_end():
+    from measure.pairs import pair_diagnostics
+
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(512, 4, 8, 8, generator=g).numpy()
+    z1 = (0.5 * torch.rand(512, 4, 8, 8, generator=g) + 2.0).numpy()  # far from N(0, 1): mean 2.25
+    ok = pair_diagnostics(z0, z1)
+    expected = np.sqrt(((z1 - z0) ** 2).reshape(512, -1).mean(axis=1)).mean()
+    assert ok["pairs_distance_mean"] == pytest.approx(expected, rel=1e-6)
+    assert ok["pairs_distance_p50"] <= ok["pairs_distance_p90"] <= ok["pairs_distance_p99"]
+    assert ok["pairs_z0_gaussian_gap"] < 0.05 < ok["pairs_z1_gaussian_gap"] and ok["pairs_swapped"] == 0.0
+    assert pair_diagnostics(z1, z0)["pairs_swapped"] == 1.0
+
+
+def test_the_pair_filter_drops_the_farthest_pairs_and_keeps_the_order(tmp_path):
+    from runtime.pairs import drop_farthest_pairs
+    from storage.datasets import open_dataset, write_dataset
+
+    z0 = np.zeros((10, 2, 2, 2), np.float32)
+    z1 = np.zeros_like(z0)
+    distance = np.array([3, 9, 1, 7, 5, 0, 8, 2, 6, 4], np.float32)  # rows 1 and 6 are the farthest
+    z1[:, 0, 0, 0] = distance
+    labels = np.arange(10, dtype=np.int64)
+    made_by = {"producer": "test", "params_hash": "0"}
+    write_dataset(tmp_path / "pairs.zarr", {"z0": z0, "z1": z1, "label": labels}, kind="pairs",
+                  attrs={"base_seed": 7}, **made_by)
+    stats = drop_farthest_pairs(tmp_path / "pairs.zarr", 0.2, made_by)
+    kept = open_dataset(tmp_path / "pairs.zarr", kind="pairs", verify=True)
+    assert kept.load("label").tolist() == [0, 2, 3, 4, 5, 7, 8, 9]
+    assert stats == {"pairs": 8.0, "pairs_dropped": 2.0, "distance_threshold": 7.0}
+    assert kept.attrs["base_seed"] == 7 and kept.attrs["rows_generated"] == 10 and kept.attrs["dropped_farthest"] == 0.2

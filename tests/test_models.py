@@ -1,9 +1,10 @@
 """The DiT as the reference recipe expects it, the DDPM objective, and the VAE helpers."""
 
+import pytest
 import torch
-from diffusers.models.embeddings import LabelEmbedding, Timesteps
+from diffusers.models.embeddings import LabelEmbedding, TimestepEmbedding, Timesteps
 
-from models.dit import build_dit, dit_epsilon, dit_velocity, load_dit, null_label
+from models.dit import build_dit, dit_epsilon, dit_velocity, init_where_shapes_match, load_dit, null_label
 from models.vae import build_vae, images_to_unit, unit_to_images
 from reflow.diffusion import DDPMObjective, drop_labels, make_ddpm_scheduler
 from storage.checkpoints import save_model
@@ -60,7 +61,32 @@ def test_learned_sigma_outputs_twice_the_channels_and_velocity_scales_time():
     x, y = torch.randn(2, 4, 8, 8), torch.tensor([0, 1])
     full = model(x, timestep=torch.tensor([999.0, 999.0]), class_labels=y).sample
     assert full.shape[1] == 8
-    assert torch.allclose(dit_velocity(model, x, torch.ones(2), y), full[:, :4], atol=1e-5)
+    # Flow time 0 is noise, which the teacher knows as its timestep 999.
+    assert torch.allclose(dit_velocity(model, x, torch.zeros(2), y), full[:, :4], atol=1e-5)
+
+
+def time_embeddings(model, call) -> list[torch.Tensor]:
+    """What every timestep embedder of `model` produced during `call()`."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+             for m in model.modules() if isinstance(m, TimestepEmbedding)]
+    call()
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_a_velocity_model_from_the_teacher_sees_the_teachers_timestep_for_the_same_noise_level():
+    teacher = tiny_dit(learn_sigma=True)
+    for p in teacher.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    student = tiny_dit(seed=1)
+    init_where_shapes_match(student, teacher)
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([0, 1])
+    for t, timestep in ((0.0, 999.0), (1.0, 0.0), (0.25, 749.25)):  # noise, data, and in between
+        ours = time_embeddings(student, lambda t=t: dit_velocity(student, x, torch.full((2,), t), y))
+        theirs = time_embeddings(teacher, lambda s=timestep: teacher(x, timestep=torch.full((2,), s), class_labels=y))
+        assert ours and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, theirs, strict=True)), t
 
 
 def test_ddpm_objective_falls_on_a_fixed_batch():
@@ -101,3 +127,17 @@ def test_missing_pretrained_vae_says_how_to_supply_it(tmp_path):
     assert "local path" in text and "vae.pretrained: null" in text
     with pytest.raises(ModelLoadError, match=str(tmp_path)):
         load_vae(tmp_path)  # a folder without a model
+
+
+def test_a_velocity_model_trained_on_another_time_axis_is_refused(tmp_path):
+    from runtime.generator import GeneratorError, load_generator
+
+    meta = {"objective": "rectified_flow_velocity", "kind": "rf1", "null_label": 10, "num_classes": 10,
+            "latent_shape": [4, 8, 8], "scale_factor": 1.0}
+    save_model(tiny_dit(), tmp_path / "old" / "transformer",
+               meta={**meta, "time_convention": "t=0 noise z0, t=1 data z1; network sees t*999"})
+    with pytest.raises(GeneratorError, match="another time axis"):
+        load_generator(tmp_path / "old")
+    save_model(tiny_dit(), tmp_path / "new" / "transformer",
+               meta={**meta, "time_convention": "t=0 noise z0, t=1 data z1; timestep = (1 - t) * 999"})
+    assert load_generator(tmp_path / "new").kind == "velocity"

@@ -110,6 +110,11 @@ def test_vae_group_norm_cross_check():
         ({"distill": {"per_segment": True}}, "distill.per_segment needs distill.source: seqrf"),
         ({"distill": {"source": "seqrf", "per_segment": True, "eval_steps": [2]}}, "not multiples of seqrf.segments"),
         ({"distill": {"lpips_backbone": "vgg16.pth"}}, "lpips_backbone and distill.lpips_lin go together"),
+        ({"seqrf": {"segments": 8, "eval_steps": [8], "min_segment": 0.2}}, "do not fit in [0, 1]"),
+        # Starting points off the flow the sampler follows: the paired 1-RF's data end is the teacher's.
+        ({"seqrf": {"start": "noised_data"}}, "seqrf.start: noised_data starts segments from real latents"),
+        ({"reflow": {"direction": "from_z1"}}, "reflow.direction: from_z1 inverts real latents"),
+        ({"reflow": {"flip_prob": 0.5}}, "the data is not declared mirror-symmetric"),
     ],
 )
 def test_cross_checks_of_the_flow_stages(edits, expected):
@@ -275,3 +280,11 @@ def test_reflow_params_write_replaces_the_repo_s_params_yaml(tmp_path, monkeypat
     assert reflow(["params", "--write"]) == 0
     assert (tmp_path / "params.yaml").read_text() == render_params()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml", "params.yaml", "sub"]  # no temp file left
+
+
+def test_real_data_starts_are_allowed_with_the_independent_coupling():
+    raw = raw_defaults()
+    raw["rf1"]["coupling"] = "independent"
+    raw["seqrf"]["start"], raw["reflow"]["direction"] = "noised_data", "from_z1"
+    p = parse_params(raw)
+    assert (p.seqrf.start, p.reflow.direction) == ("noised_data", "from_z1")

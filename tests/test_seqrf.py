@@ -77,10 +77,11 @@ def test_adaptive_boundaries_recover_the_kinks_of_a_piecewise_linear_path() -> N
 
 
 def _segment_error(trajectory: torch.Tensor, times: torch.Tensor, i: int, j: int) -> float:
-    """The documented error, computed directly: sum over m in [i, j] of mean ||x_m - chord(t_m)||^2."""
-    s = ((times[i : j + 1] - times[i]) / (times[j] - times[i])).view(-1, 1, 1)
-    chord = trajectory[i] + s * (trajectory[j] - trajectory[i])
-    return (trajectory[i : j + 1] - chord).pow(2).flatten(1).mean(dim=1).sum().item()
+    """The documented cost, computed directly: sum over the fine steps of Δt mean ||u_m - chord slope||^2."""
+    dt = (times[i + 1 : j + 1] - times[i:j]).view(-1, 1, 1)
+    u = (trajectory[i + 1 : j + 1] - trajectory[i:j]) / dt
+    slope = (trajectory[j] - trajectory[i]) / (times[j] - times[i])
+    return (dt.view(-1) * (u - slope).pow(2).flatten(1).mean(dim=1)).sum().item()
 
 
 def test_adaptive_boundaries_are_the_exhaustive_optimum_on_a_random_path() -> None:
@@ -179,3 +180,26 @@ def test_segment_endpoints_carry_each_row_through_its_own_segment() -> None:
     x_start, x_end = segment_endpoints(field_for, z0, segment, times, x_start=given)
     torch.testing.assert_close(x_start, given)
     torch.testing.assert_close(x_end, given + widths * v)
+
+
+def test_adaptive_boundaries_keep_every_segment_at_least_the_minimum_length() -> None:
+    times = torch.linspace(0, 1, 41)
+    trajectory = (times**4).view(41, 1, 1).expand(41, 2, 3).contiguous()
+    free = adaptive_boundaries(trajectory, times, 4)
+    assert min(b - a for a, b in itertools.pairwise(free)) < 0.15  # t^4 wants a short last segment
+    bounded = adaptive_boundaries(trajectory, times, 4, min_length=0.15)
+    assert min(b - a for a, b in itertools.pairwise(bounded)) >= 0.15 - 1e-6
+    with pytest.raises(ValueError, match="do not fit"):
+        adaptive_boundaries(trajectory, times, 4, min_length=0.3)
+
+
+def test_a_segment_at_constant_velocity_costs_nothing_and_a_bent_one_its_velocity_gap() -> None:
+    from reflow.seqrf import _segment_costs
+
+    times = torch.linspace(0, 1, 5, dtype=torch.float64)
+    straight = (3 * times - 1).view(5, 1, 1)
+    assert torch.allclose(_segment_costs(straight, times)[0, 4], torch.zeros((), dtype=torch.float64), atol=1e-12)
+    bent = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0], dtype=torch.float64).view(5, 1, 1)  # at rest, then speed 4
+    # slope 2 over [0, 1]: velocity gaps 2 for the first half and 2 for the second, over length 1: cost 4.
+    assert _segment_costs(bent, times)[0, 4].item() == pytest.approx(4.0)
+    assert _segment_costs(bent, times)[2, 4].item() == pytest.approx(0.0, abs=1e-12)

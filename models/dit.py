@@ -142,6 +142,11 @@ def flow_timestep(t: torch.Tensor) -> torch.Tensor:
     return (1 - t) * TIME_SCALE
 
 
+def flow_time(timestep: torch.Tensor) -> torch.Tensor:
+    """The inverse of `flow_timestep`: the flow time a network input timestep stands for."""
+    return 1 - timestep / TIME_SCALE
+
+
 def dit_velocity(model: DiTTransformer2DModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
     """Velocity prediction at time t in [0, 1] (t = 0 noise, t = 1 data), on the teacher's timestep axis."""
     out = model(x, timestep=flow_timestep(t), class_labels=y).sample

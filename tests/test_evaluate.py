@@ -28,7 +28,9 @@ def velocity_generator(boundaries=None) -> Generator:
         def forward(self, x, timestep, class_labels):
             from types import SimpleNamespace
 
-            return SimpleNamespace(sample=-x / (1 - timestep.view(-1, 1, 1, 1) / 999.0 + 1e-9))
+            from models.dit import flow_time
+
+            return SimpleNamespace(sample=-x / (1 - flow_time(timestep).view(-1, 1, 1, 1) + 1e-9))
 
     meta = {"null_label": 10, "num_classes": 10, **({"boundaries": boundaries} if boundaries else {})}
     return Generator(ToZero(), "velocity", meta, Path("artifacts/m"), 1.0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from models.dit import TIME_SCALE
+from models.dit import flow_time
 from reflow.distill import OneStepDistill
 from reflow.rectified import Independent, Paired, RectifiedFlow, reflow_pairs
 from reflow.samplers import Euler, Field, straightness
@@ -43,14 +43,14 @@ def sample_data(n: int, generator: torch.Generator) -> Tensor:
 
 
 class DiTLike(nn.Module):
-    """The toy MLP behind the DiT call `models.dit.dit_velocity` makes: `model(x, timestep=999 t, class_labels=y)`."""
+    """The toy MLP behind the call `dit_velocity` makes: `model(x, timestep=(1 - t) * 999, class_labels=y)`."""
 
     def __init__(self, mlp: MLP) -> None:
         super().__init__()
         self.mlp = mlp
 
     def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor) -> SimpleNamespace:
-        return SimpleNamespace(sample=self.mlp(x, timestep / TIME_SCALE))
+        return SimpleNamespace(sample=self.mlp(x, flow_time(timestep)))
 
 
 def train(model: MLP, pairs: tuple[Tensor, Tensor] | None, steps: int, seed: int) -> MLP:

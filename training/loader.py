@@ -7,12 +7,16 @@ state has to be checkpointed, only the step counter.
 - `InMemorySource` holds every row on the training device and gathers a batch by index: an epoch is a
   fresh permutation of all rows. This is the fast path and the right one whenever the data fits.
 - `ChunkedSource` reads a zarr dataset one inner chunk (~1 MiB of rows, the unit zarr decodes anyway) at
-  a time. An epoch visits the chunks in a random order and the rows inside each chunk in a random order
-  (chunk-level shuffling, as WebDataset-style loaders do); consecutive positions stay inside one chunk,
-  so a batch touches at most two chunks and a small cache of decoded chunks serves every read.
+  a time. An epoch visits the chunks in a random order, cut into windows of `cache_chunks` chunks, and
+  deals the rows of each window in a random order (a shuffle buffer, as WebDataset-style loaders keep):
+  a batch mixes rows of a whole window, every row is still seen once per epoch, and each chunk is decoded
+  once per epoch into a cache that holds one window. Chunk-level shuffling alone (a batch from one or two
+  chunks) is not enough on class-sorted rows, as `extract` writes them for an ImageFolder: a batch of 256
+  would hold a handful of classes.
 
 `batch_source` picks between them by the dataset's size against a RAM budget (half the memory available
-when the run starts, unless `compute.ram_budget_gb` says otherwise).
+when the run starts, unless `compute.ram_budget_gb` says otherwise), and gives the shuffle buffer a quarter of
+that budget.
 """
 
 from __future__ import annotations
@@ -106,30 +110,45 @@ class InMemorySource:
         return {k: v[idx] for k, v in self.data.items()}
 
 
+# The smallest shuffle buffer: on 10 class-sorted classes of ~4 chunks each, 16 chunks give a batch 0.92 of the
+# classes an i.i.d. batch holds (tests/test_loader.py asks for 0.8; 4 chunks gave 0.49); a window of the whole set
+# is i.i.d. Memory: this many decoded chunks of ~1 MiB per array.
+MIN_WINDOW_CHUNKS = 16
+
+
 class ChunkedSource:
-    """Rows `[0, rows)` of a zarr dataset, read one inner chunk at a time with chunk-level shuffling.
+    """Rows `[0, rows)` of a zarr dataset, read one inner chunk at a time and mixed in windows of chunks.
 
     `dataset` is a `storage.datasets.Dataset` (or `StackedViews` of one); `names` the arrays to train on, or
-    {batch key: array name}; `convert` turns a chunk's NumPy rows into a tensor. At most `cache_chunks`
-    decoded chunks are kept, so memory stays flat however large the dataset is.
+    {batch key: array name}; `convert` turns a chunk's NumPy rows into a tensor. An epoch visits the chunks in
+    a random order, split into windows of at most `cache_chunks` chunks (near-equal counts), and deals the rows
+    of each window in a random order: a batch draws from every chunk of its window, as an i.i.d. batch would
+    from the whole set when a window spans its classes. At most `cache_chunks` decoded chunks are kept (one
+    window), so memory stays flat however large the dataset is, and `chunks_read` grows by the number of chunks
+    per epoch.
     """
 
     def __init__(self, dataset, names: Sequence[str] | Mapping[str, str], seed: int, *, rows: int | None = None,
-                 device: torch.device | str = "cpu", cache_chunks: int = 4,
+                 device: torch.device | str = "cpu", cache_chunks: int = MIN_WINDOW_CHUNKS,
                  convert: Callable[[str, np.ndarray], torch.Tensor] = as_tensor):
         self.dataset, self.columns, self.seed = dataset, _columns(names), seed
         self.n = dataset.n_rows if rows is None else int(rows)
         if not 1 <= self.n <= dataset.n_rows:
             raise ValueError(f"{dataset.path}: training on {self.n} of {dataset.n_rows} rows; expected 1..n_rows")
+        if cache_chunks < 1:
+            raise ValueError(f"{dataset.path}: cache_chunks={cache_chunks}; expected at least one chunk")
         # The narrowest chunk grid (the widest rows) is one every array can be read along cheaply.
         self.block = min(dataset.chunk_rows(name) for name in self.columns.values())
         self.n_chunks = -(-self.n // self.block)
         self.sizes = torch.tensor([min(self.block, self.n - c * self.block) for c in range(self.n_chunks)])
         self.device, self.cache_chunks = torch.device(device), cache_chunks
+        # Windows split the chunk order into near-equal counts, so the last one is not a lone leftover chunk.
+        n_windows = -(-self.n_chunks // cache_chunks)
+        self.window_edges = [w * self.n_chunks // n_windows for w in range(n_windows + 1)]
         self.convert = convert
         self._cache: OrderedDict[int, Batch] = OrderedDict()
         self._epoch: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        self._inner: dict[tuple[int, int], torch.Tensor] = {}
+        self._deals: dict[tuple[int, int], torch.Tensor] = {}
         self.chunks_read = 0
 
     def _order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,15 +156,14 @@ class ChunkedSource:
         if self._epoch is None or self._epoch[0] != epoch:
             order = _permutation(self.n_chunks, self.seed, epoch)
             self._epoch = (epoch, order, self.sizes[order].cumsum(0))
-            self._inner = {}
+            self._deals = {}
         return self._epoch[1], self._epoch[2]
 
-    def _inner_order(self, epoch: int, chunk: int) -> torch.Tensor:
-        """The order of the rows inside `chunk` during `epoch`."""
-        key = (epoch, chunk)
-        if key not in self._inner:
-            self._inner[key] = _permutation(int(self.sizes[chunk]), self.seed, epoch, chunk, 1)
-        return self._inner[key]
+    def _deal(self, epoch: int, window: int, rows: int) -> torch.Tensor:
+        """The order in which `window`'s rows (counted along the visiting order) are dealt during `epoch`."""
+        if (epoch, window) not in self._deals:
+            self._deals[(epoch, window)] = _permutation(rows, self.seed, epoch, window, 2)
+        return self._deals[(epoch, window)]
 
     def _chunk(self, c: int) -> Batch:
         if c in self._cache:
@@ -163,35 +181,42 @@ class ChunkedSource:
         self.device = torch.device(device)
         return self
 
-    def rows_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chunk, row inside that chunk) of each global position, vectorised per epoch."""
-        chunks = torch.empty_like(positions)
-        rows = torch.empty_like(positions)
+    def rows_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(chunk, row inside that chunk, place in the visiting order counted over epochs) of each global
+        position, vectorised per epoch and window."""
+        chunks, rows, visits = (torch.empty_like(positions) for _ in range(3))
         epochs = positions.div(self.n, rounding_mode="floor")
+        edges = torch.tensor(self.window_edges)
         for epoch in epochs.unique().tolist():
-            sel = epochs == epoch
-            q = positions[sel] - epoch * self.n
+            in_epoch = epochs == epoch
+            q = positions[in_epoch] - epoch * self.n
             order, cum = self._order(epoch)
-            slot = torch.searchsorted(cum, q, right=True)
-            chunk = order[slot]
-            offset = q - torch.where(slot > 0, cum[(slot - 1).clamp(min=0)], 0)
-            picked = torch.empty_like(q)
-            for c in chunk.unique().tolist():
-                mine = chunk == c
-                picked[mine] = self._inner_order(epoch, c)[offset[mine]]
-            chunks[sel], rows[sel] = chunk, picked
-        return chunks, rows
+            starts = torch.cat([cum.new_zeros(1), cum])  # rows before each slot of the visiting order
+            window_rows = starts[edges]  # rows before each window
+            window = torch.searchsorted(window_rows[1:], q, right=True)
+            dealt = torch.empty_like(q)  # the row's index along the visiting order (0..n-1)
+            for w in window.unique().tolist():
+                mine = window == w
+                first, size = int(window_rows[w]), int(window_rows[w + 1] - window_rows[w])
+                dealt[mine] = first + self._deal(epoch, w, size)[q[mine] - first]
+            slot = torch.searchsorted(cum, dealt, right=True)
+            chunks[in_epoch], rows[in_epoch] = order[slot], dealt - starts[slot]
+            visits[in_epoch] = epoch * self.n_chunks + slot
+        return chunks, rows, visits
 
     def batch(self, step: int, global_batch: int, rank: int, local_batch: int) -> Batch:
-        chunks, rows = self.rows_at(_positions(step, global_batch, rank, local_batch))
-        out = {key: [] for key in self.columns}
-        # Consecutive positions share a chunk, so a batch is one or two runs; their order is kept.
-        starts = [0, *(torch.nonzero(chunks[1:] != chunks[:-1]).flatten() + 1).tolist(), len(chunks)]
-        for a, b in zip(starts, starts[1:], strict=False):
-            data = self._chunk(int(chunks[a]))
+        chunks, rows, visits = self.rows_at(_positions(step, global_batch, rank, local_batch))
+        # Chunks in visiting order: a batch that crosses into the next window finishes the old window's chunks
+        # before it decodes the new one's, so a cache of one window decodes each chunk once per epoch.
+        by_visit = visits.argsort(stable=True)
+        counts = torch.unique_consecutive(visits[by_visit], return_counts=True)[1].tolist()
+        parts: dict[str, list[torch.Tensor]] = {key: [] for key in self.columns}
+        for mine in by_visit.split(counts):
+            data = self._chunk(int(chunks[mine[0]]))
             for key in self.columns:
-                out[key].append(data[key][rows[a:b]])
-        return {key: torch.cat(parts).to(self.device) for key, parts in out.items()}
+                parts[key].append(data[key][rows[mine]])
+        back = by_visit.argsort()  # back to the batch's own (dealt) order
+        return {key: torch.cat(p)[back].to(self.device) for key, p in parts.items()}
 
 
 def available_memory_bytes() -> int:
@@ -219,14 +244,17 @@ def batch_source(dataset, names: Sequence[str] | Mapping[str, str], seed: int, *
                  device: torch.device | str = "cpu", ram_budget_gb: float | None = None,
                  convert: Callable[[str, np.ndarray], torch.Tensor] = as_tensor) -> BatchSource:
     """`InMemorySource` when rows `[0, rows)` fit in the RAM budget (half the available memory when
-    `ram_budget_gb` is None), else `ChunkedSource`. `names`: arrays, or {batch key: array name}."""
+    `ram_budget_gb` is None), else `ChunkedSource` with a quarter of the budget as its shuffle buffer (at least
+    `MIN_WINDOW_CHUNKS` chunks). `names`: arrays, or {batch key: array name}."""
     rows = dataset.n_rows if rows is None else rows
     budget = available_memory_bytes() // 2 if ram_budget_gb is None else int(ram_budget_gb * 2**30)
     columns = _columns(names)
     if dataset_bytes(dataset, columns, rows) <= budget:
         return InMemorySource({key: convert(key, dataset.read(name, 0, rows)) for key, name in columns.items()},
                               seed, device)
-    return ChunkedSource(dataset, columns, seed, rows=rows, device=device, convert=convert)
+    block = min(dataset.chunk_rows(name) for name in columns.values())
+    window = max(MIN_WINDOW_CHUNKS, budget // 4 // max(1, dataset_bytes(dataset, columns, block)))
+    return ChunkedSource(dataset, columns, seed, rows=rows, device=device, cache_chunks=window, convert=convert)
 
 
 class StackedViews:

@@ -7,13 +7,17 @@ step is plain Euler), and RK45 reports what the adaptive solver actually spent. 
 (`t = 0`) to data (`t = 1`).
 
 Solvers are objects, each called as `solver(field, z0, steps)`; `solver(name)` builds the one a params
-section names.
+section names. Every solver also tallies, on the fly and without keeping the trajectory, how curved the path
+it integrated was (`PathCurvature`, on its result); inside `recording_curvature()` each call's is collected,
+which is how the pair stages record the curvature of the paths that made their pairs.
 The samplers run under `torch.no_grad()`: they produce pairs, samples and metrics, never gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,17 +84,100 @@ def guided(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The curvature of an integrated path, tallied on the fly
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PathCurvature:
+    """How far each sample's integrated path is from a straight line travelled at constant speed.
+
+    For a path `(t_k, x_k)`, k = 0..N, over the span `T = |t_N - t_0|`, with chord slope
+    `c = (x_N - x_0) / (t_N - t_0)` and step slopes `s_k = (x_{k+1} - x_k) / (t_{k+1} - t_k)`:
+    `deviation = sum_k |t_{k+1} - t_k| ||s_k - c||^2 / (T d)`, the time-mean squared gap between the path's
+    velocity and its chord: RectifiedFlow's straightness `S(Z) = ∫ E ||(Z_1 - Z_0) - dZ_t/dt||^2 dt` (Liu et al.
+    2022, "Flow Straight and Fast") on the discrete path, its own span rescaled to one. `chord = ||c||^2 / d`.
+    Their ratio is dimensionless: 0 exactly for a straight path at constant speed, whatever the latents' scale.
+    """
+
+    deviation: Tensor  # [B] float64
+    chord: Tensor  # [B] float64
+
+    def value(self) -> float:
+        """The batch's curvature: summed deviation over summed chord (a ratio of means over the samples)."""
+        return float(self.deviation.sum() / self.chord.sum())
+
+
+class _PathTally:
+    """The running sum `sum_k ||x_{k+1} - x_k||^2 / |t_{k+1} - t_k|` of a path, one point at a time.
+
+    `deviation * T = that sum - ||x_N - x_0||^2 / T` (expand `||s_k - c||^2` and use `sum_k Δt_k s_k = x_N - x_0`),
+    so the path is never stored: only its first and latest points (as in `reflow.seqrf._segment_costs`).
+    """
+
+    def __init__(self, t0: float, x0: Tensor) -> None:
+        self.t0, self.x0, self.t, self.x = float(t0), x0, float(t0), x0
+        self.energy = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+
+    def visit(self, t: float, x: Tensor) -> None:
+        t = float(t)
+        if t != self.t:  # an adaptive solver may report its start point again
+            self.energy += _mean_square(x - self.x) / abs(t - self.t)
+            self.t, self.x = t, x
+
+    def curvature(self) -> PathCurvature:
+        span = abs(self.t - self.t0)
+        chord = _mean_square(self.x - self.x0) / span**2
+        return PathCurvature((self.energy / span - chord).clamp_min(0), chord)
+
+
+def _mean_square(x: Tensor) -> Tensor:
+    """Per-sample mean of `x**2` over every dimension but the first, in float64."""
+    return x.flatten(1).double().pow(2).mean(dim=1)
+
+
+# The list `recording_curvature` collects into; None outside it, where nothing is collected.
+_RECORDED: ContextVar[list[PathCurvature] | None] = ContextVar("reflow_recorded_curvature", default=None)
+
+
+@contextmanager
+def recording_curvature() -> Iterator[list[PathCurvature]]:
+    """Collect the `PathCurvature` of every solver call made inside the block, one entry per call.
+
+    The pair stages make their rows through helpers that return only end points (`reflow.rectified.reflow_pairs`,
+    `reflow.seqrf.segment_endpoints`, the teacher's `Generator`); this lets `runtime.pairs` see the paths
+    without threading them through every helper. Recording reads the paths and never changes a result.
+    """
+    token = _RECORDED.set([])
+    try:
+        yield _RECORDED.get()
+    finally:
+        _RECORDED.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Fixed-grid and adaptive ODE solvers
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class SampleResult:
-    """End point `x`, evaluations spent `nfe`, and optionally the visited `(t, x)` points."""
+    """End point `x`, evaluations spent `nfe`, optionally the visited `(t, x)` points, and the curvature of the
+    path (`PathCurvature`; None where a result was made by hand)."""
 
     x: Tensor
     nfe: int
     trajectory: list[tuple[float, Tensor]] | None = None
+    curvature: PathCurvature | None = None
+
+
+def _result(x: Tensor, nfe: int, trajectory: list[tuple[float, Tensor]] | None, path: _PathTally) -> SampleResult:
+    """The solver's result with its path's curvature, collected when `recording_curvature` is on."""
+    curvature = path.curvature()
+    recorded = _RECORDED.get()
+    if recorded is not None:
+        recorded.append(curvature)
+    return SampleResult(x, nfe, trajectory, curvature)
 
 
 def time_grid(t_start: float, t_end: float, steps: int) -> list[float]:
@@ -107,11 +194,13 @@ def euler_on_grid(field: Field, z0: Tensor, times: Sequence[float], *, return_tr
     """Euler steps through the given times: `x <- x + (t_next - t) * v(x, t)`, one evaluation each."""
     nfe_before, x = field.nfe, z0
     trajectory = [(float(times[0]), x)] if return_trajectory else None
+    path = _PathTally(times[0], z0)
     for t, t_next in zip(times[:-1], times[1:], strict=True):
         x = x + (t_next - t) * field(x, t)
+        path.visit(t_next, x)
         if trajectory is not None:
             trajectory.append((float(t_next), x))
-    return SampleResult(x, field.nfe - nfe_before, trajectory)
+    return _result(x, field.nfe - nfe_before, trajectory, path)
 
 
 class Solver(Protocol):
@@ -149,20 +238,23 @@ class Heun:
         times = time_grid(t_start, t_end, _steps(self.name, steps))
         nfe_before, x = field.nfe, z0
         trajectory = [(times[0], x)] if return_trajectory else None
+        path = _PathTally(times[0], z0)
         for i, (t, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
             h = t_next - t
             d = field(x, t)
             x_euler = x + h * d
             x = x_euler if i == len(times) - 2 else x + 0.5 * h * (d + field(x_euler, t_next))
+            path.visit(t_next, x)
             if trajectory is not None:
                 trajectory.append((t_next, x))
-        return SampleResult(x, field.nfe - nfe_before, trajectory)
+        return _result(x, field.nfe - nfe_before, trajectory, path)
 
 
 @dataclass(frozen=True)
 class RK45:
     """Adaptive Dormand-Prince RK45 (torchdiffeq `dopri5`) to relative and absolute tolerances; `steps` is
-    ignored. NFE is what the solver spent; a trajectory holds only the two end points."""
+    ignored. NFE is what the solver spent; a trajectory holds only the two end points, the curvature is that of
+    the accepted steps' points."""
 
     rtol: float = 1e-5
     atol: float = 1e-5
@@ -173,10 +265,27 @@ class RK45:
                  t_end: float = 1.0, return_trajectory: bool = False) -> SampleResult:
         nfe_before = field.nfe
         span = torch.tensor([t_start, t_end], dtype=torch.promote_types(z0.dtype, torch.float32), device=z0.device)
-        x = torchdiffeq.odeint(lambda t, x: field(x, t), z0, span, rtol=self.rtol, atol=self.atol,
+        path = _PathTally(t_start, z0)
+        x = torchdiffeq.odeint(_AcceptedSteps(field, path), z0, span, rtol=self.rtol, atol=self.atol,
                                method="dopri5")[-1]
+        path.visit(t_end, x)  # the last step may overshoot t_end; its end point is interpolated back to it
         trajectory = [(float(t_start), z0), (float(t_end), x)] if return_trajectory else None
-        return SampleResult(x, field.nfe - nfe_before, trajectory)
+        return _result(x, field.nfe - nfe_before, trajectory, path)
+
+
+class _AcceptedSteps:
+    """`field` as torchdiffeq's `func(t, x)`, telling `path` where each accepted step starts (torchdiffeq's
+    `callback_accept_step`, given the step's true time also when integrating backwards); the steps are the
+    solver's own, unchanged by listening."""
+
+    def __init__(self, field: Field, path: _PathTally) -> None:
+        self.field, self.path = field, path
+
+    def __call__(self, t: Tensor, x: Tensor) -> Tensor:
+        return self.field(x, t)
+
+    def callback_accept_step(self, t0: Tensor, x0: Tensor, dt: Tensor) -> None:
+        self.path.visit(float(t0), x0)
 
 
 def _steps(name: str, steps: int | None) -> int:
@@ -246,6 +355,13 @@ class DDIM:
     `t - num_train_timesteps // steps`, which disagrees with trailing spacing whenever `steps` does not
     divide `num_train_timesteps` (e.g. 16 steps: the last step would end at t = 0, not at the data).
     Here the previous timestep is the next entry of the schedule, and -1 (alpha_bar = 1) after the last.
+
+    The curvature is measured on the path in flow coordinates: the state `x = sqrt(a) x0 + sqrt(1 - a) eps` at
+    `alpha_bar = a`, divided by `sqrt(a) + sqrt(1 - a)`, is `(1 - t) eps + t x0` at flow time
+    `t = sqrt(a) / (sqrt(a) + sqrt(1 - a))`, the straight interpolation 1-RF regresses on. In these coordinates
+    DDIM is exactly Euler on the flow's ODE, so a teacher whose predictions stay fixed along the way draws a
+    straight line (curvature 0). (The network's timestep axis, `models.dit.flow_time`, is a linear relabelling of
+    the timestep, not a noise level; on it even that straight path would look curved.)
     """
 
     num_train_timesteps: int = 1000
@@ -262,13 +378,26 @@ class DDIM:
         alpha_bar = scheduler.alphas_cumprod.to(torch.float64)
         timesteps = scheduler.timesteps.tolist()
         nfe_before, x = eps_field.nfe, z0
+        a_start = alpha_bar[timesteps[0]].item()
+        path = _PathTally(_ddim_flow_time(a_start), z0 / _ddim_flow_scale(a_start))
         for i, t in enumerate(timesteps):
             a_t = alpha_bar[t].item()
             a_prev = alpha_bar[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
             eps = eps_field(x, float(t))
             x0_pred = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
             x = a_prev**0.5 * x0_pred + (1 - a_prev) ** 0.5 * eps
-        return SampleResult(x, eps_field.nfe - nfe_before)
+            path.visit(_ddim_flow_time(a_prev), x / _ddim_flow_scale(a_prev))
+        return _result(x, eps_field.nfe - nfe_before, None, path)
+
+
+def _ddim_flow_scale(alpha_bar: float) -> float:
+    """`sqrt(a) + sqrt(1 - a)`: what divides a DDPM state at `alpha_bar = a` into flow coordinates."""
+    return alpha_bar**0.5 + (1 - alpha_bar) ** 0.5
+
+
+def _ddim_flow_time(alpha_bar: float) -> float:
+    """The flow time of a DDPM state at `alpha_bar = a`: the weight `sqrt(a) / (sqrt(a) + sqrt(1 - a))` on data."""
+    return alpha_bar**0.5 / _ddim_flow_scale(alpha_bar)
 
 
 # ---------------------------------------------------------------------------------------------------------

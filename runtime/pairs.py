@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from measure.pairs import SAMPLE_ROWS, pair_diagnostics
+from measure.pairs import SAMPLE_ROWS, CurvatureTally, pair_diagnostics
+from reflow.samplers import recording_curvature
 from runtime.context import StageContext
 from runtime.devices import generation_autocast
 from storage.atomic import atomic_dir
@@ -57,7 +58,9 @@ def generate_pairs(
     In every process of the stage: each generates its share of the unfinished shards, and all wait until
     every shard is on disk. The main process then writes the output in one atomic rename, with whatever
     `also(folder)` adds beside the pairs, keeping all rows but the `drop_farthest` fraction with the largest
-    `||z1 - z0||` when it is above 0 (Re-MeanFlow's filter). Returns the throughput.
+    `||z1 - z0||` when it is above 0 (Re-MeanFlow's filter). Returns the throughput, and from the main process
+    the pair set's diagnostics (`diagnose`) and the curvature of the paths its solvers integrated while making
+    its rows (`measure.pairs.CurvatureTally`, the dropped rows' included).
     """
     writer = ShardedWriter(ctx.scratch / "pairs.zarr", n_rows=n_rows, shard_rows=shard_rows, schema=schema,
                            kind="pairs", attrs=attrs, **ctx.attrs())
@@ -72,13 +75,15 @@ def generate_pairs(
     bar = tqdm(total=n_rows - todo + rows(mine), initial=n_rows - todo, desc=desc, unit="pair", mininterval=1.0,
                disable=not ctx.is_main)
     t0 = time.perf_counter()
+    curvature = CurvatureTally()
     for shard in mine:
         start, stop = writer.shard_range(shard)
         parts: dict[str, list[np.ndarray]] = {column: [] for column in schema}
         for b in range(start, stop, batch_size):
             e = min(b + batch_size, stop)
-            with generation_autocast(ctx.params.compute):
+            with generation_autocast(ctx.params.compute), recording_curvature() as paths:
                 batch = make_batch(b, e)
+            curvature.add(paths)
             for column, value in batch.items():
                 parts[column].append(value)
             bar.update(e - b)
@@ -96,7 +101,7 @@ def generate_pairs(
                 stats |= drop_farthest_pairs(tmp / "pairs.zarr", drop_farthest, ctx.attrs())
             if also is not None:
                 also(tmp)
-        stats |= diagnose(out / "pairs.zarr")
+        stats |= diagnose(out / "pairs.zarr") | curvature.stats()
     return stats
 
 

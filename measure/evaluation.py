@@ -32,7 +32,8 @@ STRAIGHTNESS_SAMPLES = 256  # per seed: the mean settles well before this
 
 def plan_points(gen: Generator, p) -> tuple[list[tuple[str, int]], list[dict]]:
     """The (solver, steps) points this model can take, and the ones it cannot with the reason. RK45 is one
-    point (steps 0): it chooses its own steps to the tolerance `eval.rk45_tolerance`."""
+    point (steps 0): it chooses its own steps to the tolerance `eval.rk45_tolerance`. The epsilon teacher takes
+    DDIM; every velocity model, a flow-matching teacher included, the solvers of `eval.solvers`."""
     solvers = list(gen.solvers) if gen.kind == "epsilon" else p.solvers
     plan, skipped = [], []
     for solver in solvers:
@@ -166,7 +167,8 @@ class Measurement:
         p = self.ctx.params.eval
         return {
             "model": self.ctx.spec.deps["model"], "model_kind": self.gen.kind,
-            "model_meta_kind": self.gen.meta.get("kind"), "seeds": list(p.seeds), "extra_seeds": list(p.extra_seeds),
+            "model_meta_kind": self.gen.meta.get("kind"), "model_objective": self.gen.meta.get("objective"),
+            "seeds": list(p.seeds), "extra_seeds": list(p.extra_seeds),
             "extra_seeds_max_nfe": p.extra_seeds_max_nfe, "labels": "sample i has class i mod K",
             "guidance_scale": self.guidance,
             "nfe": "network evaluations per sample, a guided call counted twice; RK45: the mean it spent",

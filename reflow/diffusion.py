@@ -1,5 +1,8 @@
 """The DiT teacher's objective: DDPM epsilon prediction, optionally with DiT's learned variance.
 
+(`dit.objective: flow_matching` trains the teacher with `reflow.rectified.RectifiedFlow` on the independent
+coupling instead; `stages/dit.py`, `teacher_objective`, picks one.)
+
 Noise schedule and `add_noise` come from diffusers' `DDPMScheduler` (1000-step linear betas), so the
 teacher trained here and the DDIM sampler that reads it share one definition of alpha-bar.
 Classifier-free guidance needs the model to see the null class: labels are replaced by `null_label`

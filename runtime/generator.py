@@ -1,6 +1,7 @@
 """Any trained model of the pipeline as a sampler: noise `z0` and labels in, latents out, NFE counted.
 
-The DiT teacher samples by deterministic DDIM (guided as it was when it made the teacher's pairs);
+The DiT teacher is sampled guided as it was when it made the teacher's pairs: by deterministic DDIM when it
+predicts epsilon (`dit.objective: ddpm_eps`), like a velocity model when it was trained by flow matching;
 velocity models (`rf1`, `rf@k`, `seqrf`, `distill`) by Euler or Heun from `t = 0` to `t = 1`, on their
 own segment boundaries when they have them (SeqRF, a per-segment student), or by adaptive RK45 (steps 0:
 it picks its own, and the NFE it spends is counted). `evaluate@<model>` and
@@ -34,10 +35,10 @@ class GeneratorError(ValueError):
 @dataclass
 class Generator:
     model: torch.nn.Module
-    kind: str  # "epsilon" (the DDPM teacher, sampled by DDIM) or "velocity"
+    kind: str  # "epsilon" (the DDPM teacher, sampled by DDIM) or "velocity" (a flow-matching teacher included)
     meta: dict
     path: Path
-    default_guidance: float  # how the model is used: the teacher at its pairs' guidance, velocity models unguided
+    default_guidance: float  # how the model is used: the teacher at its pairs' guidance, other velocity models unguided
 
     @property
     def boundaries(self) -> list[float] | None:
@@ -78,8 +79,9 @@ class Generator:
     @torch.inference_mode()
     def straightness(self, z0: torch.Tensor, y: torch.Tensor, *, steps: int,
                      guidance: float | None = None) -> torch.Tensor | None:
-        """Per-sample straightness along the model's own Euler path over [0, 1]; None for the DDIM teacher
-        (its path is a diffusion ODE in another time parameterisation; its straightness is not comparable)."""
+        """Per-sample straightness along the model's own Euler path over [0, 1] (a flow-matching teacher's guided
+        one included); None for the DDIM teacher (its path is a diffusion ODE in another time parameterisation; its
+        straightness is not comparable)."""
         if self.kind == "epsilon":
             return None
         scale = self.default_guidance if guidance is None else guidance
@@ -106,18 +108,32 @@ def require_time_axis(meta: dict, folder: Path) -> None:
                              "the version that trained it")
 
 
+def teacher_objective(meta: dict) -> str:
+    """What the DiT teacher of `meta` was trained with, as `dit.objective` names it: `flow_matching` when it is a
+    velocity model, else `ddpm_eps` (teachers saved before the option, and the benchmarks' bare metas, are)."""
+    return "flow_matching" if meta.get("objective") == "rectified_flow_velocity" else "ddpm_eps"
+
+
+def teacher_generator(model: torch.nn.Module, meta: dict, folder: Path, guidance: float) -> Generator:
+    """The DiT teacher as a sampler at its pairs' `guidance`: DDIM for epsilon, ODE solvers for flow matching."""
+    if teacher_objective(meta) == "flow_matching":
+        require_time_axis(meta, folder)
+        return Generator(model, "velocity", meta, folder, guidance)
+    return Generator(model, "epsilon", meta, folder, guidance)
+
+
 def load_generator(path: str | Path, *, teacher_guidance: float | None = None) -> Generator:
     """The model in `path` (an artifact folder or its `transformer/`) with what its metadata says about it.
 
-    `teacher_guidance` is the guidance the DDIM teacher used for its pairs (velocity models record it
-    themselves); it is the teacher's default scale.
+    `teacher_guidance` is the guidance the teacher used for its pairs (velocity models record it
+    themselves); it is the teacher's default scale, whichever its objective.
     """
     folder = model_folder(path)
     meta = read_meta(folder)
     if meta.get("kind") == "dit":
         if teacher_guidance is None:
             raise GeneratorError(f"{folder}: the DiT teacher needs its guidance scale (teacher_pairs' attrs)")
-        return Generator(load_dit(folder).eval(), "epsilon", meta, folder, teacher_guidance)
+        return teacher_generator(load_dit(folder).eval(), meta, folder, teacher_guidance)
     if meta.get("objective") != "rectified_flow_velocity":
         raise GeneratorError(f"{folder}: not a model of this pipeline (meta kind {meta.get('kind')!r}, objective "
                              f"{meta.get('objective')!r}); expected the DiT teacher or a velocity model")

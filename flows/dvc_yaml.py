@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.chains import CHAINS
+
 # The project's own packages: imports of anything else (torch, diffusers, ...) are not code deps.
 PACKAGES = ("imagedata", "measure", "models", "reflow", "runtime", "stages", "storage", "tasks", "flows", "training")
 
@@ -32,7 +34,12 @@ class Stage:
 
     module: str
     foreach: str | None = None  # `${params_key}`: one stage per entry, its spec built from `${key}`, `${item}`
-    args: tuple[str, ...] = ()  # the command's arguments after `python -m stages.<module>`
+    args: tuple[str, ...] = ()  # the command's arguments after `python -m stages.<module>`, and its `spec`'s
+
+
+def chain_stages(module: str) -> tuple[Stage, ...]:
+    """A chain stage of each chain (runtime/chains.py): `module` for the teacher's, `module classic` beside it."""
+    return tuple(Stage(module, args=(chain,) if chain else ()) for chain in CHAINS)
 
 
 # dvc.yaml's stages, in its order.
@@ -43,15 +50,15 @@ STAGES = (
     Stage("extract"),
     Stage("dit"),
     Stage("teacher_pairs"),
-    Stage("rf1"),
+    *chain_stages("rf1"),
     Stage("reflow_pairs", foreach="${reflow_rounds}", args=("${key}", "${item}")),
     Stage("rf", foreach="${reflow_rounds}", args=("${key}", "${item}")),
     Stage("seqrf_pairs"),
     Stage("seqrf"),
     Stage("fid_features"),
     Stage("fid_reference"),
-    Stage("distill_pairs"),
-    Stage("distill"),
+    *chain_stages("distill_pairs"),
+    *chain_stages("distill"),
     Stage("evaluate", foreach="${evaluate_models}", args=("${key}", "${item}")),
     Stage("report"),
 )
@@ -128,7 +135,7 @@ def _stage_entry(stage: Stage, root: Path) -> tuple[str, str | None, dict[str, A
     """(name, note, body) of one stage in dvc.yaml."""
     module = f"stages.{stage.module}"
     loaded = importlib.import_module(module)
-    spec = loaded.spec("${key}", "${item}") if stage.foreach else loaded.SPEC
+    spec = loaded.spec(*stage.args) if stage.args else loaded.SPEC
     body: dict[str, Any] = {"cmd": " ".join(["python", "-m", module, *stage.args]),
                             "deps": [*spec.deps.values(), *code_closure(module, root)]}
     if spec.params:

@@ -14,6 +14,7 @@ import numpy as np
 from measure.results import (
     COMPARISON_HEADER,
     against_floor,
+    chain_table,
     headline_comparisons,
     load_evaluations,
     load_floor,
@@ -21,6 +22,12 @@ from measure.results import (
     ranking,
     results_table,
 )
+
+CHAIN_TITLE = "Reflow on each chain"
+CHAIN_NOTE = ("Each chain is 1-RF, then 2-RF on 1-RF's own pairs, then a one-step student of 2-RF, with the same "
+              "recipe; they differ only in the coupling 1-RF starts from: the teacher's deterministic DDIM pairs, "
+              "or real latents with independent noise (RectifiedFlow's classic 1-RF). Error against the teacher "
+              "and straightness are measured on the same 256 held-out teacher pairs for every model.")
 
 
 def text_table(header: list[str], rows: list[list[str]], *, indent: str = "", rule: bool = True) -> str:
@@ -62,6 +69,10 @@ def print_results(root: Path, measure: str = "fid") -> int:
     floor = load_floor(root)
     print(f"{measure}: {protocol_line(evaluations)}\n")
     print(text_table(*results_table(evaluations, floor, measure)))
+    header, rows = chain_table(evaluations, root)
+    if rows:
+        print(f"\n{CHAIN_TITLE}:")
+        print(text_table(header, rows))
     for title, rows in comparisons(evaluations, floor):
         print(f"\n{title} (FID; a difference whose interval holds 0 is within noise):")
         print(text_table(COMPARISON_HEADER, [c.row() for c in rows]))
@@ -177,6 +188,10 @@ def render(root: Path, evaluations: list, floor, plot_png: bytes, tracked: bool)
         "images that no generator, extractor or reference used.</p>",
         _img(plot_png, "FID against NFE, every model"), _html_table(*results_table(evaluations, floor)),
     ]
+    header, rows = chain_table(evaluations, root)
+    if rows:
+        parts.append(f"<h2>{html.escape(CHAIN_TITLE)}</h2><p>{html.escape(CHAIN_NOTE)}</p>"
+                     + _html_table(header, rows))
     for title, rows in comparisons(evaluations, floor):
         parts.append(f"<h2>{html.escape(title)}</h2><p>FID of A minus FID of B with its 95% interval: paired where "
                      "A and B were sampled from the same noise; a difference whose interval holds 0 is within "

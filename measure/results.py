@@ -20,11 +20,18 @@ import numpy as np
 from measure.intervals import MEASURES, Interval, Measured, difference
 
 TEACHER = "artifacts/dit"
-# The comparisons the pipeline exists to make, by evaluate_models key: (label, (key, NFE), (key, NFE or "best")).
+# The chains (runtime/chains.py) by evaluate_models key: (name, (1-RF, 2-RF, the distilled student)).
+CHAINS = (("teacher pairs", ("rf1", "rf2", "distill")),
+          ("classic: independent noise", ("rf1_classic", "rf2_classic", "distill_classic")))
+# The comparisons the pipeline exists to make, by evaluate_models key: (label, (key, NFE), (keys, NFE or "best")),
+# where several keys in the second place mean the best point of any of them.
 HEADLINES = (
-    ("the one-step student against the teacher's best", ("distill", 1), ("dit", "best")),
-    ("1-RF against 2-RF at one step", ("rf1", 1), ("rf2", 1)),
-    ("SeqRF against 2-RF at 4 NFE", ("seqrf", 4), ("rf2", 4)),
+    ("the one-step student against the teacher's best", ("distill", 1), (("dit",), "best")),
+    *((f"{name}: 2-RF against 1-RF at one step", (rf2, 1), ((rf1,), 1)) for name, (rf1, rf2, _) in CHAINS),
+    *((f"{name}: the one-step student against its chain's best flow", (student, 1), ((rf1, rf2), "best"))
+      for name, (rf1, rf2, student) in CHAINS),
+    ("one-step students: classic chain against teacher pairs", ("distill_classic", 1), (("distill",), 1)),
+    ("SeqRF against 2-RF at 4 NFE", ("seqrf", 4), (("rf2",), 4)),
 )
 
 
@@ -192,12 +199,42 @@ def headline_comparisons(evaluations: list[Evaluation], measure: str = "fid") ->
     """The comparisons of HEADLINES whose models and NFE this pipeline evaluated."""
     by_key = {e.key: e for e in evaluations}
     out = []
-    for question, (key_a, nfe_a), (key_b, nfe_b) in HEADLINES:
-        if key_a in by_key and key_b in by_key:
-            pa, pb = by_key[key_a].at(nfe_a), by_key[key_b].at(nfe_b)
-            if pa is not None and pb is not None:
-                out.append(compare(question, by_key[key_a], pa, by_key[key_b], pb, measure))
+    for question, (key_a, nfe_a), (keys_b, nfe_b) in HEADLINES:
+        if key_a not in by_key or not all(k in by_key for k in keys_b):
+            continue
+        pa = by_key[key_a].at(nfe_a)
+        candidates = [(by_key[k], by_key[k].at(nfe_b)) for k in keys_b]
+        candidates = [(e, point) for e, point in candidates if point is not None]
+        if pa is not None and candidates:
+            eb, pb = min(candidates, key=lambda ep: ep[1]["fid"])
+            out.append(compare(question, by_key[key_a], pa, eb, pb, measure))
     return out
+
+
+def chain_table(evaluations: list[Evaluation], root: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): each chain's models with their one-step FID (from their evaluation) and their one-step
+    error against the teacher and straightness (on the held-out teacher pairs, from the model's own metrics),
+    each with its 95% interval. Models this pipeline did not evaluate are left out."""
+    from storage.checkpoints import CheckpointError, read_meta
+
+    by_key = {e.key: e for e in evaluations}
+    header = ["chain", "model", "FID, NFE 1", "best FID (NFE)", "error vs teacher, NFE 1", "straightness"]
+    rows = []
+    for name, keys in CHAINS:
+        for key in keys:
+            if key not in by_key:
+                continue
+            e = by_key[key]
+            try:
+                metrics = read_meta(root / e.model / "transformer").get("metrics", {})
+            except CheckpointError:  # the model folder is gone (pruned, or not pulled): its FID still stands
+                metrics = {}
+            best = e.at("best")
+            measured = [with_interval(metrics[m], metrics[f"{m}_low"], metrics[f"{m}_high"])
+                        if f"{m}_low" in metrics else "" for m in ("error_1_step", "straightness")]
+            rows.append([name, e.label, point_cell(e.at(1), "fid"), f"{point_cell(best, 'fid')} ({best['nfe']:g})",
+                         *measured])
+    return header, rows
 
 
 def ranking(evaluations: list[Evaluation], measure: str = "fid") -> list[Comparison]:

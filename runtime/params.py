@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from reflow.segments import uneven_steps
+from runtime.chains import CHAINS, CLASSIC, chain_of, first_flow, parse_round, round_model, suffix
 
 # Re-exported: stages, tools and tests import the sections and the file helpers from here. The sections are
 # defined by idea in runtime/params_common.py (shared) and runtime/params_stages.py (one per stage family).
@@ -64,8 +65,8 @@ class Params(Strict):
     # DVC's foreach expands each round into reflow_pairs@k and rf@k. Its own section so that adding a round
     # reruns nothing that exists.
     reflow_rounds: dict[str, str] = Field(
-        default_factory=lambda: {"2": "rf1"}, min_length=1,
-        description='round k -> the model it starts from: 2-RF by default; add "3": rf@2 for 3-RF')
+        default_factory=lambda: {"2": "rf1", "2_classic": "rf1_classic"}, min_length=1,
+        description='round k -> the model it starts from, per chain (runtime/chains.py); add "3": rf@2 for 3-RF')
     seqrf: SeqRFParams = Field(SeqRFParams(), description="sequential rectified flow on top of the 1-RF teacher flow")
     distill: DistillParams = Field(DistillParams(), description="one step: z0 -> z0 + v(z0, 0)")
     fid_features: FIDFeaturesParams = Field(FIDFeaturesParams(), description=(
@@ -74,7 +75,9 @@ class Params(Strict):
         EvalParams(), description="how every evaluate@<model> measures: same noise, same reference, same extractor")
     # DVC's foreach expands one evaluate stage per entry.
     evaluate_models: dict[str, str] = Field(
-        default_factory=lambda: {"dit": "dit", "rf1": "rf1", "rf2": "rf@2", "seqrf": "seqrf", "distill": "distill"},
+        default_factory=lambda: {"dit": "dit", "rf1": "rf1", "rf2": "rf@2", "seqrf": "seqrf", "distill": "distill",
+                                 "rf1_classic": "rf1_classic", "rf2_classic": "rf@2_classic",
+                                 "distill_classic": "distill_classic"},
         min_length=1, description="evaluate@<key> -> the model it measures (add rf3: rf@3 with a third round)")
 
     @model_validator(mode="after")
@@ -94,6 +97,12 @@ class Params(Strict):
         return self
 
     @model_validator(mode="after")
+    def _teacher_pairs_solver_fits_the_teacher(self) -> Params:
+        """DDIM needs an epsilon teacher and Euler/Heun a velocity one: refused here, before the teacher trains."""
+        self.teacher_pairs.solver_for(self.dit.objective)
+        return self
+
+    @model_validator(mode="after")
     def _mirrors_need_mirror_symmetric_data(self) -> Params:
         if self.reflow.flip_prob > 0 and not self.dit.mirrored:
             raise ValueError(f"reflow.flip_prob={self.reflow.flip_prob} mirrors pairs, but the data is not declared "
@@ -103,13 +112,23 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _rounds_chain_from_1rf(self) -> Params:
-        expected = {str(k): ("rf1" if k == 2 else f"rf@{k - 1}") for k in range(2, 2 + len(self.reflow_rounds))}
+        rounds: dict[str, list[int]] = {chain: [] for chain in CHAINS}
+        for key in self.reflow_rounds:
+            k, chain = parse_round(key)
+            rounds[chain].append(k)
+        expected = {f"{k}{suffix(chain)}": round_model(k - 1, chain)
+                    for chain, ks in rounds.items() for k in range(2, 2 + len(ks))}
         if self.reflow_rounds != expected:
             raise ValueError(
-                "reflow_rounds must be consecutive from 2, each starting from the previous round's model "
-                f"(a reference to any other stage breaks the chain): expected {expected}, got {self.reflow_rounds}")
-        models = ["rf1", *(f"rf@{k}" for k in self.reflow_rounds), "seqrf"]
-        evaluated = ["dit", *models, "distill"]
+                "reflow_rounds must be consecutive from 2 in each chain, each round starting from the previous "
+                f"round's model (a reference to any other stage breaks the chain): expected {expected}, got "
+                f"{self.reflow_rounds}")
+        models = ["rf1", *(f"rf@{k}" for k in self.reflow_rounds if not chain_of(k)), "seqrf"]
+        classic = [first_flow(CLASSIC), *(f"rf@{k}" for k in self.reflow_rounds if chain_of(k))]
+        evaluated = ["dit", *models, "distill", *classic, f"distill{suffix(CLASSIC)}"]
+        if self.distill.classic_source not in classic:
+            raise ValueError(f"distill.classic_source={self.distill.classic_source!r} is not a model of the classic "
+                             f"chain; expected one of {classic}")
         for key, stage in self.evaluate_models.items():
             if not re.fullmatch(r"[a-z][a-z0-9_]*", key):
                 raise ValueError(f"evaluate_models key {key!r} names the stage evaluate@{key}: use lower-case "

@@ -50,9 +50,20 @@ class ExtractParams(Strict):
     posterior: Literal["mean", "sample"] = Field("mean", description="mean | sample")  # what of q(z|x) is stored
 
 
-class DiTParams(TrainParams):
-    """Class-conditional DiT on latents, DDPM epsilon objective (docs/method.md, section 2)."""
+TeacherObjective = Literal["ddpm_eps", "flow_matching"]
+# The samplers of each teacher objective, the teacher's own first: DDIM integrates the DDPM teacher's
+# probability-flow ODE in its epsilon parameterisation; a flow-matching teacher is a velocity field.
+TEACHER_SOLVERS: dict[str, tuple[str, ...]] = {"ddpm_eps": ("ddim",), "flow_matching": ("euler", "heun")}
 
+
+class DiTParams(TrainParams):
+    """Class-conditional DiT on latents: DDPM epsilon objective, or jax-flow's flow matching (docs/method.md,
+    section 2)."""
+
+    objective: TeacherObjective = Field("ddpm_eps", description=(
+        "ddpm_eps (DDPM epsilon, sampled by DDIM) | flow_matching (velocity z1 - z0, sampled by Euler/Heun)"))
+    time_distribution: Literal["uniform", "logit_normal"] = Field(
+        "logit_normal", description="flow_matching's training times (SD3, jax-flow: logit_normal)")
     patch_size: PositiveInt = 2
     num_layers: PositiveInt = 4
     num_attention_heads: PositiveInt = 4
@@ -71,12 +82,23 @@ class DiTParams(TrainParams):
     lr: PositiveFloat = Field(
         1e-3, description="the reference 1e-4 is for 400k steps; this small DiT learns digits in 3k")
 
+    @model_validator(mode="after")
+    def _flow_matching_has_no_variance(self) -> DiTParams:
+        if self.objective == "flow_matching" and self.learn_sigma:
+            raise ValueError("dit.learn_sigma: true is DDPM's learned variance, which a flow-matching teacher "
+                             "(dit.objective: flow_matching) has no use for: set dit.learn_sigma: false, or "
+                             "dit.objective: ddpm_eps")
+        return self
+
 
 class TeacherPairsParams(Strict):
-    """Deterministic DDIM from stored noise z0 to the teacher's sample z1 (docs/method.md, section 3)."""
+    """The teacher's deterministic ODE from stored noise z0 to its sample z1 (docs/method.md, section 3)."""
 
     num_samples: PositiveInt = 1024
+    solver: Literal["ddim", "euler", "heun"] | None = Field(
+        None, description="null: the teacher's own (ddim for ddpm_eps, euler for flow_matching)")
     ddim_steps: PositiveInt = 50
+    solver_steps: PositiveInt = Field(50, description="euler/heun steps of a flow_matching teacher")
     guidance_scale: float = Field(2.0, ge=0.0)  # 1 = no guidance; applied to every latent channel
     batch_size: PositiveInt = 256
     shard_size: PositiveInt = 256  # rows per resumable shard
@@ -84,6 +106,20 @@ class TeacherPairsParams(Strict):
         "drop this fraction of pairs with the largest ||z1 - z0|| (Re-MeanFlow's filter)"))
     seed: int = 1234
     grid_samples: PositiveInt = 100
+
+    def solver_for(self, objective: str) -> str:
+        """The solver that makes the pairs of a teacher trained with `objective` (`dit.objective`)."""
+        fits = TEACHER_SOLVERS[objective]
+        if self.solver is None:
+            return fits[0]
+        if self.solver not in fits:
+            raise ValueError(f"teacher_pairs.solver: {self.solver} does not sample a teacher trained with "
+                             f"dit.objective: {objective}; expected one of {list(fits)}, or null for its own")
+        return self.solver
+
+    def steps_for(self, solver: str) -> int:
+        """The step count of `solver`: `ddim_steps` for DDIM, `solver_steps` for Euler and Heun."""
+        return self.ddim_steps if solver == "ddim" else self.solver_steps
 
 
 class VelocityTrainParams(TrainParams):
@@ -125,6 +161,10 @@ class ReflowParams(VelocityTrainParams):
         "drop this fraction of pairs with the largest ||z1 - z0|| (Re-MeanFlow's filter)"))
     seed: int = 4321
     anneal_warmup_steps: int = Field(0, ge=0, description="SlimFlow's annealing reflow; 0 = off")
+    student_num_layers: int | None = Field(None, gt=0, description=(  # SlimFlow: a smaller model of the next round
+        "null: as deep as the model the round starts from; fewer: a smaller round (pair with anneal_warmup_steps)"))
+    student_attention_head_dim: int | None = Field(
+        None, gt=0, description="null: as wide as the model the round starts from")
     flip_prob: float = Field(0.0, ge=0.0, le=1.0, description="mirror z0 and z1 together (in latent space: needs "
                              "dit.mirrored and a flip-equivariant VAE)")
     max_flip_error: float = Field(0.05, ge=0.0, description="flip_prob > 0: the largest VAE flip-equivariance "
@@ -176,6 +216,8 @@ class DistillParams(VelocityTrainParams):
     """
 
     source: str = Field("rf@2", description="whose pairs: rf1, rf@k or seqrf (the straightest)")
+    classic_source: str = Field("rf@2_classic", description=(
+        "distill_classic's: rf1_classic or rf@k_classic (runtime/chains.py)"))
     student_num_layers: int | None = Field(  # smaller = SlimFlow-style
         None, gt=0, description="null: as deep as the source; fewer = a smaller, faster student")
     student_attention_head_dim: int | None = Field(None, gt=0)
@@ -196,7 +238,13 @@ class DistillParams(VelocityTrainParams):
     lpips_net: Literal["vgg", "alex"] = Field("vgg", description="vgg | alex")
     lpips_weight: float = Field(1.0, ge=0)
     label_dropout: Decay = Field(0.0, description="the student is used without guidance")
-    eval_steps: list[NFE] = Field(default_factory=lambda: [1], min_length=1)
+    loss: Literal["mse", "pseudo_huber", "lpips_huber"] = Field(
+        "mse", description="mse | pseudo_huber | lpips_huber (2-RF++: t-weighted Huber + LPIPS; needs lpips_*)")
+    k_steps: PositiveInt = Field(1, description=(
+        "1: one step z0 + v(z0, 0); k: RectifiedFlow's k-step student, trained at t = i/k, sampled in k steps"))
+    guide_weight: float = Field(0.0, ge=0.0, description=(
+        "SlimFlow's flow-guided term: the source's two-step target on fresh noise, this weight; 0 = off"))
+    eval_steps: list[NFE] = Field(default_factory=lambda: [1], min_length=1, description="must include k_steps")
     steps: PositiveInt = Field(700, description="its loss is flat from step 600 (0.0031 to 0.0030 at 1000)")
 
     @model_validator(mode="after")
@@ -204,6 +252,20 @@ class DistillParams(VelocityTrainParams):
         if (self.lpips_backbone is None) != (self.lpips_lin is None):
             raise ValueError("distill.lpips_backbone and distill.lpips_lin go together: give both weight files "
                              "for an LPIPS term, or neither")
+        if self.loss == "lpips_huber" and self.lpips_backbone is None:
+            raise ValueError("distill.loss: lpips_huber (2-RF++'s LPIPS-Huber) needs local LPIPS weights: set "
+                             "distill.lpips_backbone and distill.lpips_lin, or choose distill.loss: pseudo_huber")
+        if self.k_steps > 1 and self.per_segment:
+            raise ValueError(f"distill.k_steps={self.k_steps} and distill.per_segment: true both set the student's "
+                             "steps (per_segment: one per SeqRF segment); keep distill.k_steps: 1 with it")
+        if not self.per_segment and self.k_steps not in self.eval_steps:
+            raise ValueError(f"distill.eval_steps {self.eval_steps} must include distill.k_steps={self.k_steps}: "
+                             "a k-step student is measured at the k steps it was trained for")
+        if self.guide_weight > 0 and (self.k_steps > 1 or self.per_segment or self.source == "seqrf"):
+            raise ValueError(f"distill.guide_weight={self.guide_weight} (SlimFlow's flow-guided term) regularises a "
+                             "one-step student with two Euler steps of a straight source: it needs distill.k_steps: 1, "
+                             f"distill.per_segment: false and a source other than seqrf (got k_steps={self.k_steps}, "
+                             f"per_segment={self.per_segment}, source={self.source!r})")
         if self.per_segment and self.source != "seqrf":
             raise ValueError(f"distill.per_segment needs distill.source: seqrf (got {self.source!r}); "
                              "other sources are distilled to one step in all")

@@ -1,10 +1,12 @@
-"""`distill`: a one-step student, `z0 -> z0 + v(z0, 0)`, trained on `distill_pairs`.
+"""`distill`: a one-step student, `z0 -> z0 + v(z0, 0)`, trained on `distill_pairs` (or a k-step one).
 
 The pairs are the source model's (`distill.source`: rf1, rf@k or seqrf). The student may be smaller
-than the source (its own depth and width, initialised from the source where shapes match). With
-`per_segment` (source seqrf) it takes one step per segment instead, SeqRF's distillation. It is measured
-like every velocity model, on the held-out teacher pairs, so its one-step error sits next to 1-RF's and
-k-RF's.
+than the source (its own depth and width, a null one the source's, initialised from the source where shapes
+match). `distill.k_steps` > 1 trains RectifiedFlow's k-step student; `distill.guide_weight` > 0 adds
+SlimFlow's flow-guided term, the source model run online as the guide; `distill.loss: lpips_huber` is
+2-RF++'s loss. With `per_segment` (source seqrf) it takes one step per segment instead, SeqRF's distillation.
+It is measured like every velocity model, on the held-out teacher pairs, so its one-step error sits next to
+1-RF's and k-RF's.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from diffusers import DiTTransformer2DModel
 
+from models.dit import load_dit
 from models.lpips import LPIPSLoss
 from models.vae import VAE_SUBFOLDER, load_vae
-from reflow.distill import OneStepDistill
+from reflow.distill import KStepDistill
 from reflow.samplers import Euler
 from reflow.seqrf import Segmented, SegmentObjective
+from runtime.chains import CLASSIC, chain_of, source_key, suffix
 from runtime.context import StageContext
 from runtime.devices import generation_device
 from runtime.main import stage_main
@@ -27,14 +32,22 @@ from runtime.velocity import teacher_meta, velocity_stage
 from storage.datasets import open_dataset
 from training.loader import batch_source
 
-SPEC = StageSpec(
-    name="distill",
-    params=("compute", "distill"),
-    deps={"pairs": "artifacts/distill_pairs", "source": "artifacts/${distill.source}",
-          "teacher_pairs": "artifacts/teacher_pairs", "dit": "artifacts/dit", "vae": "artifacts/vae"},
-    outs={"model": "artifacts/distill"},
-    metrics="metrics/distill.json",
-)
+
+def spec(chain: str = "") -> StageSpec:
+    """A chain's student (runtime/chains.py): `distill`, or `distill_classic` from `distill.classic_source`."""
+    name = f"distill{suffix(chain)}"
+    return StageSpec(
+        name=name,
+        params=("compute", "distill"),
+        deps={"pairs": f"artifacts/distill_pairs{suffix(chain)}",
+              "source": f"artifacts/${{distill.{source_key(chain)}}}", "teacher_pairs": "artifacts/teacher_pairs",
+              "dit": "artifacts/dit", "vae": "artifacts/vae"},
+        outs={"model": f"artifacts/{name}"},
+        metrics=f"metrics/{name}.json",
+    )
+
+
+SPEC = spec()
 LPIPS_SIZE = 224  # decoded images are resized to this before LPIPS, as InstaFlow and SlimFlow do
 
 
@@ -61,31 +74,44 @@ def lpips_on_decoded(ctx: StageContext, meta: dict, device: str):
 
 def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.distill, ctx.params.compute
+    chain = chain_of(ctx.spec.name)
+    source_name = getattr(p, source_key(chain))
+    per_segment = p.per_segment and not chain  # SeqRF, the only per-segment source, is the teacher chain's
     meta = teacher_meta(ctx)
     pairs = open_dataset(ctx.dep("pairs") / "pairs.zarr", kind="pairs")
     data = batch_source(pairs, [name for name in pairs.names if name not in ("seed", "segment")], compute.seed,
                         ram_budget_gb=compute.ram_budget_gb)
-    if p.per_segment:
+    source_dir = ctx.dep("source") / "transformer"
+    if per_segment:
         boundaries = [float(b) for b in pairs.attrs["boundaries"]]
         objective = SegmentObjective(null_label=meta["null_label"], label_dropout=p.label_dropout, loss=p.loss,
                                      one_step=True)
         sampler, extra = Segmented(tuple(boundaries)), {"boundaries": boundaries}  # a whole number per segment
-    else:
-        objective = OneStepDistill(null_label=meta["null_label"], label_dropout=p.label_dropout, loss=p.loss,
-                                   perceptual=lpips_on_decoded(ctx, meta, generation_device(compute)),
-                                   perceptual_weight=p.lpips_weight)
-        sampler, extra = Euler(), {}
-    source_dir = ctx.dep("source") / "transformer"
+    else:  # k steps (one by default), SlimFlow's flow-guided term from the source when guide_weight > 0
+        device = generation_device(compute)
+        guide = load_dit(source_dir).to(device).eval().requires_grad_(False) if p.guide_weight > 0 else None
+        objective = KStepDistill(null_label=meta["null_label"], k=p.k_steps, label_dropout=p.label_dropout,
+                                 loss=p.loss, perceptual=lpips_on_decoded(ctx, meta, device),
+                                 perceptual_weight=p.lpips_weight, guide=guide, guide_weight=p.guide_weight)
+        sampler, extra = Euler(), {"k_steps": p.k_steps}
+    source = DiTTransformer2DModel.load_config(source_dir)  # a null student size is the source's own
     metrics, copied = velocity_stage(
         ctx, p, meta, data=data, objective=objective, kind="distilled", sampler=sampler,
         init_from=source_dir if p.init_from_source else None,
-        student={"num_layers": p.student_num_layers, "attention_head_dim": p.student_attention_head_dim},
-        model_meta={**extra, "source": p.source, "per_segment": p.per_segment, "one_step": not p.per_segment})
+        student={"num_layers": p.student_num_layers or source["num_layers"],
+                 "attention_head_dim": p.student_attention_head_dim or source["attention_head_dim"]},
+        model_meta={**extra, "source": source_name, "chain": chain or "teacher", "per_segment": per_segment,
+                    "one_step": not per_segment and p.k_steps == 1})
     return {**metrics, "tensors_from_source": float(copied)}
 
 
-def main() -> int:
-    return stage_main(SPEC, run, distributed=True)
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], [CLASSIC]):
+        print(f"usage: python -m stages.distill [{CLASSIC}]   ({CLASSIC}: the classic chain's student, "
+              "distill_classic)", file=sys.stderr)
+        return 2
+    return stage_main(spec(*args), run, distributed=True)
 
 
 if __name__ == "__main__":

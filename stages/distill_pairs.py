@@ -18,6 +18,7 @@ from reflow.rectified import velocity_field
 from reflow.samplers import Euler, time_grid
 from reflow.seeds import balanced_labels, per_sample_noise, sample_seeds
 from reflow.seqrf import Segmented, segment_endpoints
+from runtime.chains import CLASSIC, chain_of, source_key, suffix
 from runtime.context import StageContext
 from runtime.devices import generation_device
 from runtime.main import stage_main
@@ -26,17 +27,28 @@ from runtime.spec import StageSpec
 from runtime.velocity import teacher_meta
 from storage.checkpoints import read_meta
 
-SPEC = StageSpec(
-    name="distill_pairs",
-    params=("compute", "distill"),
-    deps={"source": "artifacts/${distill.source}", "teacher_pairs": "artifacts/teacher_pairs", "dit": "artifacts/dit"},
-    outs={"pairs": "artifacts/distill_pairs"},
-    metrics="metrics/distill_pairs.json",
-)
+
+def spec(chain: str = "") -> StageSpec:
+    """A chain's student pairs (runtime/chains.py): from `distill.source`, or `distill.classic_source`."""
+    name = f"distill_pairs{suffix(chain)}"
+    return StageSpec(
+        name=name,
+        params=("compute", "distill"),
+        deps={"source": f"artifacts/${{distill.{source_key(chain)}}}", "teacher_pairs": "artifacts/teacher_pairs",
+              "dit": "artifacts/dit"},
+        outs={"pairs": f"artifacts/{name}"},
+        metrics=f"metrics/{name}.json",
+    )
+
+
+SPEC = spec()
 
 
 def run(ctx: StageContext) -> dict:
     p = ctx.params.distill
+    chain = chain_of(ctx.spec.name)
+    source_name = getattr(p, source_key(chain))
+    per_segment = p.per_segment and not chain  # SeqRF, the only per-segment source, is the teacher chain's
     device = generation_device(ctx.params.compute)
     meta = teacher_meta(ctx)
     shape, null = tuple(meta["latent_shape"]), meta["null_label"]
@@ -57,7 +69,7 @@ def run(ctx: StageContext) -> dict:
             return velocity_field(source, torch.from_numpy(y[rows]).to(device), null_label=null)
 
         rows = {"label": y, "seed": np.asarray(seeds, dtype=np.int64)}
-        if p.per_segment:
+        if per_segment:
             segment = np.arange(start, stop) % k
             segment_times = [time_grid(a, b, steps // k) for a, b in zip(boundaries[:-1], boundaries[1:], strict=True)]
             x_start, x_end = segment_endpoints(field_for, z0, segment, segment_times)
@@ -65,15 +77,20 @@ def run(ctx: StageContext) -> dict:
         z1 = sampler(field_for(np.arange(len(y))), z0, steps).x
         return {**rows, "z0": z0.float().cpu().numpy(), "z1": z1.float().cpu().numpy()}
 
-    attrs = {"source": p.source, "solver": "euler", "solver_steps": p.solver_steps, "per_segment": p.per_segment,
+    attrs = {"source": source_name, "solver": "euler", "solver_steps": p.solver_steps, "per_segment": per_segment,
              "base_seed": p.seed, **({"boundaries": boundaries} if boundaries else {}), **meta}
     return generate_pairs(ctx, n_rows=p.num_samples, shard_rows=min(p.shard_size, p.num_samples),
                           batch_size=p.pairs_batch_size, attrs=attrs, make_batch=make_batch, desc=ctx.spec.name,
-                          schema=segment_schema(shape) if p.per_segment else pair_schema(shape), out=ctx.out("pairs"))
+                          schema=segment_schema(shape) if per_segment else pair_schema(shape), out=ctx.out("pairs"))
 
 
-def main() -> int:
-    return stage_main(SPEC, run, distributed=True)
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], [CLASSIC]):
+        print(f"usage: python -m stages.distill_pairs [{CLASSIC}]   ({CLASSIC}: the classic chain's, "
+              "from distill.classic_source)", file=sys.stderr)
+        return 2
+    return stage_main(spec(*args), run, distributed=True)
 
 
 if __name__ == "__main__":

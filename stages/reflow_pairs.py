@@ -18,6 +18,7 @@ from models.dit import load_dit
 from reflow.rectified import inverted_pairs, reflow_pairs, velocity_field
 from reflow.samplers import solver
 from reflow.seeds import balanced_labels, per_sample_noise, sample_seeds
+from runtime.chains import ROUND_KEY, parse_round
 from runtime.context import StageContext
 from runtime.devices import generation_device
 from runtime.main import stage_main
@@ -70,7 +71,7 @@ def run(ctx: StageContext) -> dict:
         return {"z0": z0.float().cpu().numpy(), "z1": z1.float().cpu().numpy(), "label": y,
                 "seed": np.asarray(seeds, dtype=np.int64)}
 
-    attrs = {"round": int(ctx.spec.name.split("@")[1]), "from_model": str(ctx.spec.deps["model"]),
+    attrs = {"round": parse_round(ctx.spec.name.split("@")[1])[0], "from_model": str(ctx.spec.deps["model"]),
              "direction": p.direction, "solver": p.solver, "solver_steps": p.solver_steps, "rtol": p.rtol,
              "atol": p.atol, "base_seed": p.seed, **meta}
     stats = generate_pairs(ctx, n_rows=p.num_samples, shard_rows=p.shard_size, batch_size=p.pairs_batch_size,
@@ -81,9 +82,9 @@ def run(ctx: StageContext) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or not args[0].isdigit():
-        print("usage: python -m stages.reflow_pairs K MODEL   (K: the reflow round, 2 or more; MODEL: "
-              "reflow_rounds[K])", file=sys.stderr)
+    if len(args) != 2 or ROUND_KEY.fullmatch(args[0]) is None:
+        print("usage: python -m stages.reflow_pairs K MODEL   (K: the reflow round, 2 or more, K_classic in the "
+              "classic chain; MODEL: reflow_rounds[K])", file=sys.stderr)
         return 2
     return stage_main(spec(*args), run, distributed=True)
 

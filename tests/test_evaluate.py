@@ -168,8 +168,8 @@ def test_comparisons_pair_models_measured_from_the_same_noise(tmp_path):
     evaluations = load_evaluations(tmp_path)
     by_key = {e.key: e for e in evaluations}
     headline = {c.question: c for c in headline_comparisons(evaluations)}
-    one_step = headline["1-RF against 2-RF at one step"]
-    assert one_step.interval.resolved and one_step.interval.estimate > 0
+    one_step = headline["teacher pairs: 2-RF against 1-RF at one step"]
+    assert one_step.interval.resolved and one_step.interval.estimate < 0
     own = by_key["rf1"].points[0]
     assert one_step.interval.high - one_step.interval.low < own["fid_high"] - own["fid_low"]
     assert headline["SeqRF against 2-RF at 4 NFE"].interval.verdict == "within noise"
@@ -183,3 +183,36 @@ def test_flat_metrics_name_solver_nfe_measure_and_interval(tmp_path):
     point = results["points"][1]
     assert metrics["euler_nfe2_fid"] == point["fid"] and metrics["euler_nfe2_fid_low"] == point["fid_low"]
     assert metrics["best_fid_nfe"] == 4.0 and metrics["floor_fid"] == 0.5
+
+
+def test_each_chain_is_compared_with_itself_and_tabled_with_its_models_metrics(tmp_path):
+    """Per chain: 2-RF against 1-RF at one step, and the student against the best point of either of its
+    chain's flows; the chain table carries each model's own error and straightness with their intervals."""
+    from measure.results import chain_table
+    from storage.checkpoints import META_FILE
+
+    fake_evaluation(tmp_path, "rf1_classic", "artifacts/rf1_classic", [3.0, 2.0, 1.5])
+    fake_evaluation(tmp_path, "rf2_classic", "artifacts/rf@2_classic", [1.2, 1.1, 1.0])
+    fake_evaluation(tmp_path, "distill_classic", "artifacts/distill_classic", [1.1, 2.0, 3.0])
+    for stage, error in (("rf1_classic", 0.3), ("rf@2_classic", 0.1)):
+        folder = tmp_path / "artifacts" / stage / "transformer"
+        folder.mkdir(parents=True)
+        metrics = {"error_1_step": error, "error_1_step_low": error - 0.01, "error_1_step_high": error + 0.01,
+                   "straightness": error / 10, "straightness_low": error / 10 - 0.001,
+                   "straightness_high": error / 10 + 0.001}
+        (folder / META_FILE).write_text(json.dumps({"metrics": metrics}))
+    evaluations = load_evaluations(tmp_path)
+    headline = {c.question: c for c in headline_comparisons(evaluations)}
+    reflowed = headline["classic: independent noise: 2-RF against 1-RF at one step"]
+    assert reflowed.a == "rf2_classic at NFE 1" and reflowed.b == "rf1_classic at NFE 1"
+    assert reflowed.interval.resolved and reflowed.interval.estimate < 0
+    student = headline["classic: independent noise: the one-step student against its chain's best flow"]
+    assert student.b == "rf2_classic at NFE 4"  # the lowest FID of rf1_classic's and rf2_classic's points
+    assert not any(q.startswith("teacher pairs") for q in headline)  # that chain was not evaluated here
+    header, rows = chain_table(evaluations, tmp_path)
+    assert [r[1] for r in rows] == ["rf1_classic (rf1_classic)", "rf2_classic (rf@2_classic)",
+                                    "distill_classic (distill_classic)"]  # the chain's order
+    by_model = {r[1].split()[0]: dict(zip(header, r, strict=True)) for r in rows}
+    assert by_model["rf1_classic"]["error vs teacher, NFE 1"] == "0.3 ± 0.01"
+    assert by_model["rf2_classic"]["straightness"] == "0.01 ± 0.001"
+    assert by_model["distill_classic"]["straightness"] == ""  # no model folder: its FID stands alone

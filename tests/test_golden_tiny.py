@@ -35,9 +35,12 @@ DATASETS = {
     "reflow pairs 2": ["artifacts/reflow_pairs@2/pairs.zarr"],
     "seqrf pairs": ["artifacts/seqrf_pairs/pairs.zarr"],
     "distill pairs": ["artifacts/distill/pairs.zarr", "artifacts/distill_pairs/pairs.zarr"],
+    "classic reflow pairs 2": ["artifacts/reflow_pairs@2_classic/pairs.zarr"],
+    "classic distill pairs": ["artifacts/distill_pairs_classic/pairs.zarr"],
 }
-MODELS = ("vae", "dit", "fid_features", "rf1", "rf@2", "seqrf", "distill")
-EVALUATIONS = ("dit", "rf1", "rf2", "seqrf", "distill")
+MODELS = ("vae", "dit", "fid_features", "rf1", "rf@2", "seqrf", "distill", "rf1_classic", "rf@2_classic",
+          "distill_classic")
+EVALUATIONS = ("dit", "rf1", "rf2", "seqrf", "distill", "rf1_classic", "rf2_classic", "distill_classic")
 
 
 def fingerprint() -> dict[str, str]:

@@ -178,10 +178,27 @@ def test_cli_validate_prints_ok_or_every_error(tmp_path):
 
 def test_reflow_rounds_must_chain_from_rf1():
     raw = raw_defaults()
-    raw["reflow_rounds"] = {"2": "rf1", "3": "rf@2"}
-    assert parse_params(raw).reflow_rounds == {"2": "rf1", "3": "rf@2"}
-    raw["reflow_rounds"] = {"2": "rf1", "3": "dit"}
+    raw["reflow_rounds"] = {"2": "rf1", "3": "rf@2", "2_classic": "rf1_classic"}
+    assert parse_params(raw).reflow_rounds == {"2": "rf1", "3": "rf@2", "2_classic": "rf1_classic"}
+    raw["reflow_rounds"] = {"2": "rf1", "3": "dit", "2_classic": "rf1_classic"}
     with pytest.raises(ParamsError, match="reflow_rounds must be consecutive from 2"):
+        parse_params(raw)
+
+
+def test_each_chain_chains_its_own_rounds():
+    """The classic chain's rounds start from rf1_classic, never from the teacher chain's models."""
+    raw = raw_defaults()
+    raw["reflow_rounds"] = {"2": "rf1", "2_classic": "rf1"}
+    with pytest.raises(ParamsError, match="each round starting from the previous round's model"):
+        parse_params(raw)
+    raw["reflow_rounds"] = {"2": "rf1", "2_slim": "rf1"}
+    with pytest.raises(ParamsError, match="reflow_rounds key '2_slim'.*_classic"):
+        parse_params(raw)
+    raw["reflow_rounds"] = {"2": "rf1", "2_classic": "rf1_classic", "3_classic": "rf@2_classic"}
+    raw["distill"] = {**raw["distill"], "classic_source": "rf@3_classic"}
+    assert parse_params(raw).distill.classic_source == "rf@3_classic"
+    raw["distill"]["classic_source"] = "rf@2"
+    with pytest.raises(ParamsError, match="distill.classic_source='rf@2' is not a model of the classic chain"):
         parse_params(raw)
 
 
@@ -191,6 +208,7 @@ def test_presets_spell_out_what_dvc_yaml_interpolates():
         raw = yaml.safe_load(path.read_text())
         assert "path" in raw.get("data", {}), path
         assert raw.get("reflow_rounds"), path
+        assert "classic_source" in raw.get("distill", {}), path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,7 +256,7 @@ def test_tiny_preset_trains_the_demo_s_unmirrored_teacher():
 
 def test_a_section_lists_its_own_keys_before_the_shared_training_knobs():
     keys = section_keys(type(Params().distill))
-    assert keys[:2] == ["source", "student_num_layers"]
+    assert keys[:3] == ["source", "classic_source", "student_num_layers"]
     assert keys[-8:] == ["steps", "batch_size", "lr", "weight_decay", "ema_decay", "grad_clip", "log_every",
                          "checkpoint_every"]
     assert keys.index("label_dropout") < keys.index("eval_samples")  # re-declared, kept in its base's place

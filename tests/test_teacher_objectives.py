@@ -100,9 +100,10 @@ def test_flow_matching_refuses_learned_variance_and_pairs_refuse_a_solver_of_the
     with pytest.raises(ParamsError, match=wrong):
         parse_params({"dit": {"objective": "flow_matching"}, "teacher_pairs": {"solver": "ddim"}})
     with pytest.raises(ParamsError, match=r"teacher_pairs.solver: euler .* dit.objective: ddpm_eps.*\['ddim'\]"):
-        parse_params({"teacher_pairs": {"solver": "euler"}})
-    # Unset, the solver is the teacher's own, with its own step count.
+        parse_params({"dit": {"objective": "ddpm_eps"}, "teacher_pairs": {"solver": "euler"}})
+    # Unset, the solver is the teacher's own, with its own step count; the default teacher is flow matching.
     assert parse_params({}).teacher_pairs.solver_for("ddpm_eps") == "ddim"
+    assert parse_params({}).dit.objective == "flow_matching"
     fm = parse_params({"dit": {"objective": "flow_matching"}, "teacher_pairs": {"solver_steps": 8}})
     solver = fm.teacher_pairs.solver_for(fm.dit.objective)
     assert (solver, fm.teacher_pairs.steps_for(solver)) == ("euler", 8)

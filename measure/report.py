@@ -25,7 +25,7 @@ from measure.results import (
 
 CHAIN_TITLE = "Reflow on each chain"
 CHAIN_NOTE = ("Each chain is 1-RF, then 2-RF on 1-RF's own pairs, then a one-step student of 2-RF, with the same "
-              "recipe; they differ only in the coupling 1-RF starts from: the teacher's deterministic DDIM pairs, "
+              "recipe; they differ only in the coupling 1-RF starts from: the teacher's deterministic pairs, "
               "or real latents with independent noise (RectifiedFlow's classic 1-RF). Error against the teacher "
               "and straightness are measured on the same 256 held-out teacher pairs for every model.")
 

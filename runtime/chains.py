@@ -1,6 +1,6 @@
 """The pipeline's two chains, 1-RF -> reflow rounds -> a distilled student, run side by side.
 
-- The **teacher chain** (stage names as they are): `rf1` on `rf1.coupling`, the teacher's DDIM pairs by default,
+- The **teacher chain** (stage names as they are): `rf1` on `rf1.coupling`, by default the teacher's pairs,
   then `rf@2`, `rf@3`, ... and `distill` (from `distill.source`).
 - The **classic chain** (suffix `_classic`): `rf1_classic` on the independent coupling, real latents with fresh
   noise (RectifiedFlow's own 1-RF), then `rf@2_classic`, ... and `distill_classic` (from `distill.classic_source`).

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from reflow.rectified import interpolate
 from reflow.samplers import Field, time_grid
 from reflow.segments import steps_problem, uneven_steps
 from reflow.seqrf import (
@@ -203,3 +204,37 @@ def test_a_segment_at_constant_velocity_costs_nothing_and_a_bent_one_its_velocit
     # slope 2 over [0, 1]: velocity gaps 2 for the first half and 2 for the second, over length 1: cost 4.
     assert _segment_costs(bent, times)[0, 4].item() == pytest.approx(4.0)
     assert _segment_costs(bent, times)[2, 4].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_default_starts_on_a_paired_flow_are_where_the_sampler_goes_and_noised_data_is_not() -> None:
+    """2-D toy of the mismatch `seqrf.start` guards against. A paired 1-RF that learned a guided teacher's map
+    carries noise to the teacher's distribution, a narrow cluster away from the data (z1 = s z0 + b); the real
+    latents lie elsewhere. Its paths are straight, so SeqRF's chords are the flow itself, and SeqRF's sampler
+    (one Euler step per segment) visits exactly the flow's marginal at each boundary. Segment starts drawn
+    from the flow's own trajectory (`teacher_trajectory`, the default) have that distribution; real data noised
+    to t_i (`noised_data`) does not, so its segments train on points the sampler never visits."""
+    s, b = 0.4, torch.tensor([2.0, 0.0])
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # of the paths (1 + t(s - 1)) z0 + t b
+        t = t[:, None]
+        return (s - 1) * (x - t * b) / (1 + t * (s - 1)) + b
+
+    k, n = 4, 8000
+    boundaries = uniform_boundaries(k)
+    times = [time_grid(t_i, t_j, 8) for t_i, t_j in itertools.pairwise(boundaries)]
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(n, 2, generator=g)
+    segment = np.arange(n) % k
+    trajectory_starts, _ = segment_endpoints(lambda rows: Field(velocity), z0, segment, times)
+    data = torch.randn(n, 2, generator=g) * 0.5 + torch.tensor([0.0, 1.5])  # the real latents
+    noised_starts = interpolate(z0, data, torch.tensor([boundaries[i] for i in segment]))
+    # Where the sampler goes, from noise of its own.
+    visited = Segmented(tuple(boundaries))(Field(velocity), torch.randn(n // k, 2, generator=g), k,
+                                           return_trajectory=True).trajectory
+    assert visited is not None
+    for i in range(1, k):
+        at_boundary = visited[i][1]
+        ours, theirs = trajectory_starts[segment == i], noised_starts[segment == i]
+        assert torch.allclose(ours.mean(0), at_boundary.mean(0), atol=0.1)
+        assert torch.allclose(ours.std(0), at_boundary.std(0), rtol=0.1)
+        assert (theirs.mean(0) - at_boundary.mean(0)).norm() > boundaries[i]  # 2.5 t apart in expectation

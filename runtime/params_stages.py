@@ -256,6 +256,10 @@ class DistillParams(VelocityTrainParams):
         if self.loss == "lpips_huber" and self.lpips_backbone is None:
             raise ValueError("distill.loss: lpips_huber (2-RF++'s LPIPS-Huber) needs local LPIPS weights: set "
                              "distill.lpips_backbone and distill.lpips_lin, or choose distill.loss: pseudo_huber")
+        if self.drop_farthest > 0 and self.per_segment:
+            raise ValueError(f"distill.drop_farthest={self.drop_farthest} filters pairs by ||z1 - z0||, and "
+                             "distill.per_segment: true makes segment rows, which have no z0 and z1: set "
+                             "distill.drop_farthest: 0 with it")
         if self.k_steps > 1 and self.per_segment:
             raise ValueError(f"distill.k_steps={self.k_steps} and distill.per_segment: true both set the student's "
                              "steps (per_segment: one per SeqRF segment); keep distill.k_steps: 1 with it")

@@ -81,7 +81,8 @@ def run(ctx: StageContext) -> dict:
              "base_seed": p.seed, **({"boundaries": boundaries} if boundaries else {}), **meta}
     return generate_pairs(ctx, n_rows=p.num_samples, shard_rows=min(p.shard_size, p.num_samples),
                           batch_size=p.pairs_batch_size, attrs=attrs, make_batch=make_batch, desc=ctx.spec.name,
-                          schema=segment_schema(shape) if per_segment else pair_schema(shape), out=ctx.out("pairs"))
+                          schema=segment_schema(shape) if per_segment else pair_schema(shape), out=ctx.out("pairs"),
+                          drop_farthest=p.drop_farthest)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,7 +125,7 @@ def test_every_pair_stage_records_the_curvature_of_its_paths(tmp_path: Path) -> 
     from stages.dit import save_teacher
 
     art = tmp_path / "artifacts"
-    save_teacher(tiny_dit(0), art / "dit/transformer", DiTParams(), attrs={}, num_classes=10,
+    save_teacher(tiny_dit(0), art / "dit/transformer", DiTParams(objective="ddpm_eps"), attrs={}, num_classes=10,
                  latent_shape=list(SHAPE), scale_factor=1.0)
     save_model(tiny_dit(1), art / "rf1/transformer",
                meta={"kind": "rf1", "objective": "rectified_flow_velocity", "num_classes": 10, "null_label": 10,
@@ -146,6 +146,11 @@ def test_every_pair_stage_records_the_curvature_of_its_paths(tmp_path: Path) -> 
     for stage, m in metrics.items():
         assert m["pairs_curvature_paths"] == 12, stage  # one path per pair, every batch counted
         assert 0 < m["pairs_curvature"] < 10, stage  # an untrained network's path: curved, but not wildly
+    # Re-MeanFlow's filter on the student's pairs: the curvature still counts every path that was integrated.
+    params = Params(compute={"device": "cpu"}, distill={**rows, "pairs_batch_size": 5, "solver_steps": 4,
+                                                        "source": "rf1", "drop_farthest": 0.25})
+    filtered = distill_pairs.run(context(tmp_path, distill_pairs.SPEC, params))
+    assert (filtered["pairs"], filtered["pairs_dropped"], filtered["pairs_curvature_paths"]) == (9, 3, 12)
     # random_paired integrates nothing: no path, no curvature (rather than a made-up 0).
     params = Params(compute={"device": "cpu"}, reflow={**rows, "pairs_batch_size": 5, "direction": "random_paired"})
     assert "pairs_curvature" not in reflow_pairs.run(context(tmp_path, reflow_pairs.spec("2", "rf1"), params))

@@ -110,6 +110,8 @@ def test_vae_group_norm_cross_check():
         ({"distill": {"per_segment": True}}, "distill.per_segment needs distill.source: seqrf"),
         ({"distill": {"source": "seqrf", "per_segment": True, "eval_steps": [2]}}, "not multiples of seqrf.segments"),
         ({"distill": {"lpips_backbone": "vgg16.pth"}}, "lpips_backbone and distill.lpips_lin go together"),
+        ({"distill": {"source": "seqrf", "per_segment": True, "eval_steps": [4], "drop_farthest": 0.1}},
+         "segment rows, which have no z0 and z1"),
         ({"seqrf": {"segments": 8, "eval_steps": [8], "min_segment": 0.2}}, "do not fit in [0, 1]"),
         # Starting points off the flow the sampler follows: the paired 1-RF's data end is the teacher's.
         ({"seqrf": {"start": "noised_data"}}, "seqrf.start: noised_data starts segments from real latents"),

@@ -5,7 +5,7 @@
 - A check that the noise end is the noise: `z0` should be standard Gaussian (mean 0, std 1, kurtosis 3) and
   `z1` further from it. A pair set written the wrong way round fails this, and the stage says so.
 - `pairs_curvature`: how far the paths that made the pairs were from straight lines at constant speed, the
-  time-mean `||dx/dt - chord||^2` over the mean `||chord||^2` (`reflow.samplers.PathCurvature`; 0 for a straight
+  time-mean `||dx/dt - chord||^2` over the mean `||chord||^2` (`reflow.curvature.PathCurvature`; 0 for a straight
   path, RectifiedFlow's straightness made scale-free). Recorded as the rows are generated, over every path the
   stage's main process integrated in this run (`pairs_curvature_paths` of them): one per pair from `z0` to
   `z1`, one per integrated segment for SeqRF's rows (the segments a trajectory start was carried through
@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from reflow.samplers import PathCurvature
+from reflow.curvature import PathCurvature
 
 SAMPLE_ROWS = 4096
 

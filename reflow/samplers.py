@@ -15,9 +15,7 @@ The samplers run under `torch.no_grad()`: they produce pairs, samples and metric
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +23,8 @@ import torch
 import torchdiffeq
 from diffusers import DDIMScheduler
 from torch import Tensor
+
+from reflow.curvature import PathCurvature, PathTally, record
 
 # ---------------------------------------------------------------------------------------------------------
 # Fields: a velocity (or epsilon) function of (x, t) that counts its evaluations
@@ -84,78 +84,6 @@ def guided(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The curvature of an integrated path, tallied on the fly
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PathCurvature:
-    """How far each sample's integrated path is from a straight line travelled at constant speed.
-
-    For a path `(t_k, x_k)`, k = 0..N, over the span `T = |t_N - t_0|`, with chord slope
-    `c = (x_N - x_0) / (t_N - t_0)` and step slopes `s_k = (x_{k+1} - x_k) / (t_{k+1} - t_k)`:
-    `deviation = sum_k |t_{k+1} - t_k| ||s_k - c||^2 / (T d)`, the time-mean squared gap between the path's
-    velocity and its chord: RectifiedFlow's straightness `S(Z) = ∫ E ||(Z_1 - Z_0) - dZ_t/dt||^2 dt` (Liu et al.
-    2022, "Flow Straight and Fast") on the discrete path, its own span rescaled to one. `chord = ||c||^2 / d`.
-    Their ratio is dimensionless: 0 exactly for a straight path at constant speed, whatever the latents' scale.
-    """
-
-    deviation: Tensor  # [B] float64
-    chord: Tensor  # [B] float64
-
-    def value(self) -> float:
-        """The batch's curvature: summed deviation over summed chord (a ratio of means over the samples)."""
-        return float(self.deviation.sum() / self.chord.sum())
-
-
-class _PathTally:
-    """The running sum `sum_k ||x_{k+1} - x_k||^2 / |t_{k+1} - t_k|` of a path, one point at a time.
-
-    `deviation * T = that sum - ||x_N - x_0||^2 / T` (expand `||s_k - c||^2` and use `sum_k Δt_k s_k = x_N - x_0`),
-    so the path is never stored: only its first and latest points (as in `reflow.seqrf._segment_costs`).
-    """
-
-    def __init__(self, t0: float, x0: Tensor) -> None:
-        self.t0, self.x0, self.t, self.x = float(t0), x0, float(t0), x0
-        self.energy = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
-
-    def visit(self, t: float, x: Tensor) -> None:
-        t = float(t)
-        if t != self.t:  # an adaptive solver may report its start point again
-            self.energy += _mean_square(x - self.x) / abs(t - self.t)
-            self.t, self.x = t, x
-
-    def curvature(self) -> PathCurvature:
-        span = abs(self.t - self.t0)
-        chord = _mean_square(self.x - self.x0) / span**2
-        return PathCurvature((self.energy / span - chord).clamp_min(0), chord)
-
-
-def _mean_square(x: Tensor) -> Tensor:
-    """Per-sample mean of `x**2` over every dimension but the first, in float64."""
-    return x.flatten(1).double().pow(2).mean(dim=1)
-
-
-# The list `recording_curvature` collects into; None outside it, where nothing is collected.
-_RECORDED: ContextVar[list[PathCurvature] | None] = ContextVar("reflow_recorded_curvature", default=None)
-
-
-@contextmanager
-def recording_curvature() -> Iterator[list[PathCurvature]]:
-    """Collect the `PathCurvature` of every solver call made inside the block, one entry per call.
-
-    The pair stages make their rows through helpers that return only end points (`reflow.rectified.reflow_pairs`,
-    `reflow.seqrf.segment_endpoints`, the teacher's `Generator`); this lets `runtime.pairs` see the paths
-    without threading them through every helper. Recording reads the paths and never changes a result.
-    """
-    token = _RECORDED.set([])
-    try:
-        yield _RECORDED.get()
-    finally:
-        _RECORDED.reset(token)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Fixed-grid and adaptive ODE solvers
 # ---------------------------------------------------------------------------------------------------------
 
@@ -171,13 +99,9 @@ class SampleResult:
     curvature: PathCurvature | None = None
 
 
-def _result(x: Tensor, nfe: int, trajectory: list[tuple[float, Tensor]] | None, path: _PathTally) -> SampleResult:
+def _result(x: Tensor, nfe: int, trajectory: list[tuple[float, Tensor]] | None, path: PathTally) -> SampleResult:
     """The solver's result with its path's curvature, collected when `recording_curvature` is on."""
-    curvature = path.curvature()
-    recorded = _RECORDED.get()
-    if recorded is not None:
-        recorded.append(curvature)
-    return SampleResult(x, nfe, trajectory, curvature)
+    return SampleResult(x, nfe, trajectory, record(path.curvature()))
 
 
 def time_grid(t_start: float, t_end: float, steps: int) -> list[float]:
@@ -194,7 +118,7 @@ def euler_on_grid(field: Field, z0: Tensor, times: Sequence[float], *, return_tr
     """Euler steps through the given times: `x <- x + (t_next - t) * v(x, t)`, one evaluation each."""
     nfe_before, x = field.nfe, z0
     trajectory = [(float(times[0]), x)] if return_trajectory else None
-    path = _PathTally(times[0], z0)
+    path = PathTally(times[0], z0)
     for t, t_next in zip(times[:-1], times[1:], strict=True):
         x = x + (t_next - t) * field(x, t)
         path.visit(t_next, x)
@@ -238,7 +162,7 @@ class Heun:
         times = time_grid(t_start, t_end, _steps(self.name, steps))
         nfe_before, x = field.nfe, z0
         trajectory = [(times[0], x)] if return_trajectory else None
-        path = _PathTally(times[0], z0)
+        path = PathTally(times[0], z0)
         for i, (t, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
             h = t_next - t
             d = field(x, t)
@@ -265,7 +189,7 @@ class RK45:
                  t_end: float = 1.0, return_trajectory: bool = False) -> SampleResult:
         nfe_before = field.nfe
         span = torch.tensor([t_start, t_end], dtype=torch.promote_types(z0.dtype, torch.float32), device=z0.device)
-        path = _PathTally(t_start, z0)
+        path = PathTally(t_start, z0)
         x = torchdiffeq.odeint(_AcceptedSteps(field, path), z0, span, rtol=self.rtol, atol=self.atol,
                                method="dopri5")[-1]
         path.visit(t_end, x)  # the last step may overshoot t_end; its end point is interpolated back to it
@@ -278,7 +202,7 @@ class _AcceptedSteps:
     `callback_accept_step`, given the step's true time also when integrating backwards); the steps are the
     solver's own, unchanged by listening."""
 
-    def __init__(self, field: Field, path: _PathTally) -> None:
+    def __init__(self, field: Field, path: PathTally) -> None:
         self.field, self.path = field, path
 
     def __call__(self, t: Tensor, x: Tensor) -> Tensor:
@@ -379,7 +303,7 @@ class DDIM:
         timesteps = scheduler.timesteps.tolist()
         nfe_before, x = eps_field.nfe, z0
         a_start = alpha_bar[timesteps[0]].item()
-        path = _PathTally(_ddim_flow_time(a_start), z0 / _ddim_flow_scale(a_start))
+        path = PathTally(_ddim_flow_time(a_start), z0 / _ddim_flow_scale(a_start))
         for i, t in enumerate(timesteps):
             a_t = alpha_bar[t].item()
             a_prev = alpha_bar[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from measure.pairs import SAMPLE_ROWS, CurvatureTally, pair_diagnostics
-from reflow.samplers import recording_curvature
+from reflow.curvature import recording_curvature
 from runtime.context import StageContext
 from runtime.devices import generation_autocast
 from storage.atomic import atomic_dir

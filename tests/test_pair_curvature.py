@@ -1,4 +1,4 @@
-"""The curvature of the paths that make a pair set (`reflow.samplers.PathCurvature`, `pairs_curvature`).
+"""The curvature of the paths that make a pair set (`reflow.curvature.PathCurvature`, `pairs_curvature`).
 
 Curvature is the time-mean `||dx/dt - chord||^2` over `||chord||^2`: 0 for a straight path at constant speed, and
 for a rotation by the angle w at constant angular speed `(w / 2)^2 / sin^2(w / 2) - 1` (speed `w r` against a
@@ -16,7 +16,8 @@ import torch
 
 from models.dit import build_dit
 from models.vae import VAE_SUBFOLDER, build_vae
-from reflow.samplers import DDIM, RK45, Euler, Field, Heun, ddim_scheduler, recording_curvature, straightness
+from reflow.curvature import recording_curvature
+from reflow.samplers import DDIM, RK45, Euler, Field, Heun, ddim_scheduler, straightness
 from reflow.seqrf import Segmented
 from runtime.context import StageContext
 from runtime.params import DiTParams, Params, ParamsView

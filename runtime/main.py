@@ -111,3 +111,16 @@ def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]], *
         return 1
     clear_scratch(ctx.scratch)
     return 0
+
+
+def chain_stage_main(module: str, spec: Callable[..., StageSpec], run: Callable[[StageContext], dict[str, Any]],
+                     what: str, argv: list[str] | None = None) -> int:
+    """Entry point of a stage that both chains run (`runtime.chains`): `python -m stages.<module> [classic]`, the
+    classic chain's copy (`what`) with the argument. Usage errors exit 2."""
+    from runtime.chains import CLASSIC
+
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], [CLASSIC]):
+        print(f"usage: python -m stages.{module} [{CLASSIC}]   ({CLASSIC}: {what})", file=sys.stderr)
+        return 2
+    return stage_main(spec(*args), run, distributed=True)

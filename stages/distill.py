@@ -23,10 +23,10 @@ from models.vae import VAE_SUBFOLDER, load_vae
 from reflow.distill import KStepDistill
 from reflow.samplers import Euler
 from reflow.seqrf import Segmented, SegmentObjective
-from runtime.chains import CLASSIC, chain_of, source_key, suffix
+from runtime.chains import chain_of, source_key, suffix
 from runtime.context import StageContext
 from runtime.devices import generation_device
-from runtime.main import stage_main
+from runtime.main import chain_stage_main
 from runtime.spec import StageSpec
 from runtime.velocity import teacher_meta, velocity_stage
 from storage.datasets import open_dataset
@@ -106,12 +106,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args not in ([], [CLASSIC]):
-        print(f"usage: python -m stages.distill [{CLASSIC}]   ({CLASSIC}: the classic chain's student, "
-              "distill_classic)", file=sys.stderr)
-        return 2
-    return stage_main(spec(*args), run, distributed=True)
+    return chain_stage_main("distill", spec, run, "the classic chain's student, distill_classic", argv)
 
 
 if __name__ == "__main__":

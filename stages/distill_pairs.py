@@ -18,10 +18,10 @@ from reflow.rectified import velocity_field
 from reflow.samplers import Euler, time_grid
 from reflow.seeds import balanced_labels, per_sample_noise, sample_seeds
 from reflow.seqrf import Segmented, segment_endpoints
-from runtime.chains import CLASSIC, chain_of, source_key, suffix
+from runtime.chains import chain_of, source_key, suffix
 from runtime.context import StageContext
 from runtime.devices import generation_device
-from runtime.main import stage_main
+from runtime.main import chain_stage_main
 from runtime.pairs import generate_pairs, pair_schema, segment_rows, segment_schema
 from runtime.spec import StageSpec
 from runtime.velocity import teacher_meta
@@ -86,12 +86,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args not in ([], [CLASSIC]):
-        print(f"usage: python -m stages.distill_pairs [{CLASSIC}]   ({CLASSIC}: the classic chain's, "
-              "from distill.classic_source)", file=sys.stderr)
-        return 2
-    return stage_main(spec(*args), run, distributed=True)
+    return chain_stage_main("distill_pairs", spec, run, "the classic chain's, from distill.classic_source", argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from models.dit import DIT_SUBFOLDER
 from reflow.rectified import RectifiedFlow, coupling
 from runtime.chains import CLASSIC, chain_of, first_flow
 from runtime.context import StageContext
-from runtime.main import stage_main
+from runtime.main import chain_stage_main
 from runtime.spec import StageSpec
 from runtime.velocity import held_out_pairs, teacher_meta, training_rows, velocity_stage
 from storage.datasets import open_dataset
@@ -61,12 +61,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args not in ([], [CLASSIC]):
-        print(f"usage: python -m stages.rf1 [{CLASSIC}]   ({CLASSIC}: the classic chain's 1-RF, rf1_classic)",
-              file=sys.stderr)
-        return 2
-    return stage_main(spec(*args), run, distributed=True)
+    return chain_stage_main("rf1", spec, run, "the classic chain's 1-RF, rf1_classic", argv)
 
 
 if __name__ == "__main__":

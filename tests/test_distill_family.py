@@ -195,13 +195,19 @@ def test_lpips_huber_weights_the_huber_term_by_t_and_adds_lpips() -> None:
     torch.testing.assert_close(pseudo_huber_per_sample(v, target, c), torch.full((3,), huber * d))
 
 
-def test_the_lpips_huber_objective_on_a_tiny_lpips_from_local_files(tmp_path: Path) -> None:
+def write_alex_lpips(folder: Path) -> None:
+    """LPIPS from local files, built here: an untrained AlexNet backbone (`alex.pth`) and random heads (`lin.pth`)."""
     backbone = torchvision.models.alexnet(weights=None).features.state_dict()
-    torch.save({f"features.{k}": v for k, v in backbone.items()}, tmp_path / "alex.pth")
+    torch.save({f"features.{k}": v for k, v in backbone.items()}, folder / "alex.pth")
     g = torch.Generator().manual_seed(0)
     torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-                for k, c in enumerate((64, 192, 384, 256, 256))}, tmp_path / "lin.pth")
+                for k, c in enumerate((64, 192, 384, 256, 256))}, folder / "lin.pth")
+
+
+def test_the_lpips_huber_objective_on_a_tiny_lpips_from_local_files(tmp_path: Path) -> None:
+    write_alex_lpips(tmp_path)
     lpips = LPIPSLoss(tmp_path / "alex.pth", tmp_path / "lin.pth", net="alex")
+    g = torch.Generator().manual_seed(0)
 
     def perceptual(x: Tensor, y: Tensor) -> Tensor:  # "decoding": latents [B, 4, 4, 4] -> images [B, 3, 64, 64]
         def image(z):
@@ -325,11 +331,7 @@ def test_a_smaller_reflow_round_trains_and_the_stages_after_it_load_it(tiny_chai
 def test_a_k_step_student_with_lpips_huber_trains_and_is_measured_at_its_k_steps(tiny_chain: Path) -> None:
     from stages import distill
 
-    backbone = torchvision.models.alexnet(weights=None).features.state_dict()
-    torch.save({f"features.{k}": v for k, v in backbone.items()}, tiny_chain / "alex.pth")
-    g = torch.Generator().manual_seed(0)
-    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-                for k, c in enumerate((64, 192, 384, 256, 256))}, tiny_chain / "lin.pth")
+    write_alex_lpips(tiny_chain)
     params = Params(compute={"device": "cpu"}, distill={
         **TRAIN, "source": "rf1", "k_steps": 2, "eval_steps": [1, 2], "loss": "lpips_huber",
         "lpips_backbone": "alex.pth", "lpips_lin": "lin.pth", "lpips_net": "alex"})

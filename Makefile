@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test lint bench repo clean-artifacts
+.PHONY: install demo text test lint bench repo clean-artifacts
 
 # torch first and with pip: 2.14.1 + 0.29.1 come from this machine's disk; uv/poetry would download.
 $(STAMP): pyproject.toml
@@ -33,6 +33,11 @@ demo: install repo
 	@start=$$(date +%s); reflow run; status=$$?; \
 	  echo "make demo: pipeline wall time $$(( $$(date +%s) - start )) s"; exit $$status
 
+# The text pipeline (text/dvc.yaml): InstaFlow's chain, text prompts to a one-step student. Not part of demo.
+text: install repo
+	@start=$$(date +%s); reflow run --pipeline text; status=$$?; \
+	  echo "make text: pipeline wall time $$(( $$(date +%s) - start )) s"; exit $$status
+
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
@@ -45,4 +50,4 @@ bench: install
 	$(PY) bench/run.py $(if $(PRESET),--preset $(PRESET))
 
 clean-artifacts:
-	rm -rf artifacts metrics dvc.lock mlflow.db .reflow
+	rm -rf artifacts metrics dvc.lock mlflow.db .reflow text/artifacts text/metrics text/report text/dvc.lock

@@ -55,15 +55,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     where = os.environ.get("PREFECT_API_URL") or "an ephemeral Prefect server (set PREFECT_API_URL to use yours)"
-    print(f"reflow: running the pipeline in {root} on {where}", flush=True)
+    print(f"reflow: running the {args.pipeline} pipeline in {root} on {where}", flush=True)
     state = pipeline(root=str(root), targets=args.targets or None, stage_timeout_s=args.stage_timeout,
-                     return_state=True)
+                     which=args.pipeline, return_state=True)
     if not state.is_completed():
         print(f"reflow: pipeline {state.name}: {state.message or ''}", file=sys.stderr)
         return 1
     from flows.summary import print_summary
 
-    print_summary(root)
+    print_summary(root, args.pipeline)
     return 0
 
 
@@ -146,11 +146,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = generation_device(load_params(root / "params.yaml").compute)
     try:
         made = sample_grid(root, args.model, steps=args.steps, solver=args.solver, label=args.label, n=args.n,
-                           out=Path(args.out), guidance=args.guidance, seed=args.seed, vae=args.vae, device=device)
+                           out=Path(args.out), guidance=args.guidance, seed=args.seed, vae=args.vae, device=device,
+                           prompt=args.prompt)
     except (GeneratorError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{made['out']}: {made['samples']} samples of {made['model']} ({made['solver']}, {made['steps']} steps, "
+    what = f" for {made['prompt']!r}" if made["prompt"] else ""
+    print(f"{made['out']}: {made['samples']} samples{what} of {made['model']} ({made['solver']}, "
+          f"{made['steps']} steps, "
           f"NFE {made['nfe']} per sample, guidance {made['guidance']})")
     return 0
 
@@ -172,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the pipeline through Prefect (DVC skips what is up to date)")
     p.add_argument("targets", nargs="*", help="stages to bring up to date with their ancestors (default all)")
     p.add_argument("--stage-timeout", type=float, default=6 * 3600.0, help="seconds before a stage is killed")
+    p.add_argument("--pipeline", choices=["class", "text"], default="class",
+                   help="class: dvc.yaml, the class-conditional chain (default); text: text/dvc.yaml, InstaFlow's "
+                        "text-to-image chain")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ui", help="start the Prefect and MLflow servers and print their URLs")
@@ -188,11 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("sample", help="a grid of samples from any trained model")
-    p.add_argument("--model", required=True, help="a stage (dit, rf1, rf@2, seqrf, distill) or a model folder")
+    p.add_argument("--model", required=True, help="a stage (dit, rf1, rf@2, seqrf, distill; text_teacher, text_rf1, "
+                                                  "text_distill) or a model folder")
     p.add_argument("--steps", type=int, required=True, help="sampler steps (NFE, doubled with guidance)")
     p.add_argument("--solver", choices=["euler", "heun", "ddim"], default=None,
                    help="default: ddim for the DiT teacher, euler for velocity models")
     p.add_argument("--class", dest="label", type=int, default=None, help="one class for all (default: i mod K)")
+    p.add_argument("--prompt", default=None,
+                   help='a text model: one prompt for all, e.g. "a red seven" (default: its prompts, i mod K)')
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the teacher's for the DiT, none for the rest)")

@@ -81,9 +81,11 @@ def compare_report(root: Path, a: str, b: str) -> dict[str, Any]:
 def _evaluation(root: Path, source: Source, stage: str):
     """The evaluation `stage` made in `source`, read from DVC's cache by its output hash; None if absent."""
     from measure.results import evaluation_from_bytes
+    from runtime.text_chain import ARTIFACTS, is_text
     from storage.repo import output_file
 
-    out_hash = source.records[stage].outs.get(f"artifacts/{stage}", "")
+    out = f"{ARTIFACTS}/{stage.removeprefix('text_')}" if is_text(stage) else f"artifacts/{stage}"
+    out_hash = source.records[stage].outs.get(out, "")
     results, replicates = (output_file(root, out_hash, name) for name in ("results.json", "replicates.npz"))
     if results is None or replicates is None:
         return None
@@ -98,7 +100,7 @@ def evaluation_changes(root: Path, side_a: Source, side_b: Source, comparison) -
 
     rows = []
     for d in comparison.stages:
-        if not d.stage.startswith("evaluate@") or d.status in ("same", "only_a", "only_b"):
+        if not d.stage.startswith(("evaluate@", "text_evaluate@")) or d.status in ("same", "only_a", "only_b"):
             continue
         a, b = _evaluation(root, side_a, d.stage), _evaluation(root, side_b, d.stage)
         if a is None or b is None:

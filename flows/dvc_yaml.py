@@ -6,7 +6,10 @@ by hand: they are every project module the stage module imports, followed transi
 and `from ... import` (inside functions and under `if TYPE_CHECKING:` too), packages' `__init__.py`
 included. An edit to any file a stage runs therefore reruns it, and no other stage.
 
-Adding a stage is one line in `STAGES` below (after its module in `stages/`), then `reflow dvc-yaml`.
+The text pipeline's `text/dvc.yaml` is rendered the same way from `TEXT_STAGES`: its own two stages and the class
+stages run with `text` first (runtime/text_chain.py), from the repo root (`wdir`) with the root's params.yaml as
+DVC's `vars`. Adding a stage is one line in `STAGES` (or `TEXT_STAGES`) below, after its module in `stages/`,
+then `reflow dvc-yaml`.
 `reflow dvc-yaml --check` and tests/test_dvc_yaml.py fail while the committed file differs from the
 rendering. Specs come from the imported stage modules and code from the files under the given root, so
 run it in the checkout `reflow` is installed from (or as `python -m flows.cli dvc-yaml` in that checkout).
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.chains import CHAINS
+from runtime.text_chain import DVC_FILE, TEXT, text_spec
 
 # The project's own packages: imports of anything else (torch, diffusers, ...) are not code deps.
 PACKAGES = ("imagedata", "measure", "models", "reflow", "runtime", "stages", "storage", "tasks", "flows", "training")
@@ -63,6 +67,32 @@ STAGES = (
     Stage("report"),
 )
 
+# text/dvc.yaml's stages: the text pipeline (runtime/text_chain.py), the class stages run with `text` first.
+TEXT_STAGES = (
+    Stage("text_prepare"),
+    Stage("vae", args=(TEXT,)),
+    Stage("extract", args=(TEXT,)),
+    Stage("text_teacher"),
+    Stage("teacher_pairs", args=(TEXT,)),
+    Stage("rf1", args=(TEXT,)),
+    Stage("fid_features", args=(TEXT,)),
+    Stage("fid_reference", args=(TEXT,)),
+    Stage("distill_pairs", args=(TEXT,)),
+    Stage("distill", args=(TEXT,)),
+    Stage("evaluate", foreach="${text_evaluate_models}", args=(TEXT, "${key}", "${item}")),
+    Stage("text_report"),
+)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One DVC file of the project and the stages it holds."""
+
+    file: str  # relative to the repo root
+    stages: tuple[Stage, ...]
+    header: str
+
+
 HEADER = """\
 # Generated from the stage modules by `reflow dvc-yaml` (flows/dvc_yaml.py): edit those and rerun it, not this file.
 # Each stage is `python -m stages.<name>`; its params sections, inputs, outputs and metrics are the SPEC in
@@ -70,6 +100,14 @@ HEADER = """\
 # an edit to any of them reruns it. `reflow dvc-yaml --check` says whether this file is current.
 # Outputs are whole directories under artifacts/, written atomically; metrics are small JSON files.
 """
+
+
+TEXT_HEADER = HEADER + """\
+# The text pipeline (runtime/text_chain.py): `dvc repro text/dvc.yaml`, or `reflow run --pipeline text`. Its
+# stages run in the repo root (wdir) and read the text_* sections of the root's params.yaml (vars).
+"""
+
+PIPELINES = {"class": Pipeline("dvc.yaml", STAGES, HEADER), TEXT: Pipeline(DVC_FILE, TEXT_STAGES, TEXT_HEADER)}
 
 
 def _module_file(root: Path, module: str) -> Path | None:
@@ -131,26 +169,47 @@ def code_closure(module: str, root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in files)
 
 
-def _stage_entry(stage: Stage, root: Path) -> tuple[str, str | None, dict[str, Any]]:
-    """(name, note, body) of one stage in dvc.yaml."""
+def stage_spec(stage: Stage):
+    """The `StageSpec` of a `dvc.yaml` entry: its module's `SPEC`, or its `spec(*args)`; `text` first makes it the
+    text pipeline's copy."""
+    loaded = importlib.import_module(f"stages.{stage.module}")
+    text = stage.args[:1] == (TEXT,)
+    args = stage.args[1:] if text else stage.args
+    spec = loaded.spec(*args) if args else loaded.SPEC
+    return text_spec(spec) if text else spec
+
+
+def _stage_entry(stage: Stage, root: Path, pipeline: Pipeline) -> tuple[str, str | None, dict[str, Any]]:
+    """(name, note, body) of one stage in its dvc.yaml."""
     module = f"stages.{stage.module}"
-    loaded = importlib.import_module(module)
-    spec = loaded.spec(*stage.args) if stage.args else loaded.SPEC
-    body: dict[str, Any] = {"cmd": " ".join(["python", "-m", module, *stage.args]),
-                            "deps": [*spec.deps.values(), *code_closure(module, root)]}
+    spec = stage_spec(stage)
+    body: dict[str, Any] = {"cmd": " ".join(["python", "-m", module, *stage.args])}
+    if pipeline.file != "dvc.yaml":  # commands and paths are the repo root's
+        body["wdir"] = _up(pipeline.file)
+    body["deps"] = [*spec.deps.values(), *code_closure(module, root)]
     if spec.params:
         body["params"] = list(spec.params)
     body["outs"] = list(spec.outs.values())
     if spec.metrics:
         body["metrics"] = [{spec.metrics: {"cache": False}}]
     if stage.foreach:
-        return stage.module, spec.note, {"foreach": stage.foreach, "do": body}
+        return spec.name.partition("@")[0], spec.note, {"foreach": stage.foreach, "do": body}
     return spec.name, spec.note, body
 
 
-def document(root: Path) -> dict[str, Any]:
-    """dvc.yaml as data: what `render` writes, without its comments."""
-    return {"stages": {name: body for name, _, body in (_stage_entry(s, root) for s in STAGES)}}
+def _up(file: str) -> str:
+    """The repo root seen from the folder of `file` (`text/dvc.yaml` -> `..`)."""
+    depth = len(Path(file).parent.parts)
+    return "/".join([".."] * depth) or "."
+
+
+def document(root: Path, pipeline: Pipeline = PIPELINES["class"]) -> dict[str, Any]:
+    """A dvc.yaml as data: what `render` writes, without its comments."""
+    doc: dict[str, Any] = {}
+    if pipeline.file != "dvc.yaml":
+        doc["vars"] = [f"{_up(pipeline.file)}/params.yaml"]
+    doc["stages"] = {name: body for name, _, body in (_stage_entry(s, root, pipeline) for s in pipeline.stages)}
+    return doc
 
 
 def _scalar(value: str | bool) -> str:
@@ -177,23 +236,30 @@ def _block(value: dict | list, indent: int) -> list[str]:
     return lines
 
 
-def render(root: Path) -> str:
-    """The whole dvc.yaml for the project at `root`: header, then each stage with its note as a comment."""
-    lines = [*HEADER.splitlines(), "stages:"]
-    for stage in STAGES:
-        name, note, body = _stage_entry(stage, root)
+def render(root: Path, pipeline: Pipeline = PIPELINES["class"]) -> str:
+    """A whole dvc.yaml of the project at `root`: header, then each stage with its note as a comment."""
+    lines = [*pipeline.header.splitlines()]
+    if pipeline.file != "dvc.yaml":
+        lines += ["vars:", f"  - {_up(pipeline.file)}/params.yaml"]
+    lines.append("stages:")
+    for stage in pipeline.stages:
+        name, note, body = _stage_entry(stage, root, pipeline)
         lines += [f"  {name}:" + (f"  # {note}" if note else ""), *_block(body, 4), ""]
     return "\n".join(lines)
 
 
 def stale_diff(root: Path) -> str:
-    """A unified diff from the committed dvc.yaml to the rendering; empty when the file is current."""
+    """A unified diff from each committed dvc.yaml to its rendering; empty when every file is current."""
     import difflib
 
-    path = root / "dvc.yaml"
-    current = path.read_text(encoding="utf-8") if path.is_file() else ""
-    return "".join(difflib.unified_diff(current.splitlines(keepends=True), render(root).splitlines(keepends=True),
-                                        "dvc.yaml (committed)", "dvc.yaml (rendered)"))
+    diff = []
+    for pipeline in PIPELINES.values():
+        path = root / pipeline.file
+        current = path.read_text(encoding="utf-8") if path.is_file() else ""
+        diff += difflib.unified_diff(current.splitlines(keepends=True),
+                                     render(root, pipeline).splitlines(keepends=True),
+                                     f"{pipeline.file} (committed)", f"{pipeline.file} (rendered)")
+    return "".join(diff)
 
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> int:
@@ -203,14 +269,17 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     root = find_repo_root()
     if args.check:
         diff = stale_diff(root)
+        files = " and ".join(str(root / p.file) for p in PIPELINES.values())
         if diff:
             print(diff, end="")
-            print(f"{root / 'dvc.yaml'} differs from the stage modules: run `reflow dvc-yaml`", file=sys.stderr)
+            print(f"{files}: not the rendering of the stage modules: run `reflow dvc-yaml`", file=sys.stderr)
             return 1
-        print(f"{root / 'dvc.yaml'}: current")
+        print(f"{files}: current")
         return 0
-    atomic_write_text(root / "dvc.yaml", render(root))
-    print(f"{root / 'dvc.yaml'}: written from the stage modules")
+    for pipeline in PIPELINES.values():
+        (root / pipeline.file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / pipeline.file, render(root, pipeline))
+        print(f"{root / pipeline.file}: written from the stage modules")
     return 0
 
 

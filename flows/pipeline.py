@@ -19,12 +19,18 @@ from tasks.dvc_stage import StageOutcome, dvc_stage
 DEFAULT_STAGE_TIMEOUT_S = 6 * 3600.0
 
 
-def stage_graph(root: Path) -> dict[str, list[str]]:
-    """{stage: [upstream stages]} from DVC's own graph of `dvc.yaml` (foreach stages expanded)."""
+PIPELINE_FILES = {"class": "dvc.yaml", "text": "text/dvc.yaml"}  # flows/dvc_yaml.py renders both
+
+
+def stage_graph(root: Path, pipeline: str = "class") -> dict[str, list[str]]:
+    """{stage: [upstream stages]} of one pipeline's DVC file, from DVC's own graph (foreach stages expanded).
+    Stage names are distinct across the two files (the text pipeline's start with `text_`)."""
     from dvc.repo import Repo
 
     graph = Repo(str(root)).index.graph  # edges point from a stage to the stages it depends on
-    return {s.name: sorted(d.name for d in graph.successors(s)) for s in graph.nodes}
+    dvcfile = (root / PIPELINE_FILES[pipeline]).resolve()
+    mine = [s for s in graph.nodes if Path(s.dvcfile.path).resolve() == dvcfile]
+    return {s.name: sorted(d.name for d in graph.successors(s)) for s in mine}
 
 
 def execution_order(graph: dict[str, list[str]], targets: list[str] | None = None) -> list[str]:
@@ -59,16 +65,19 @@ def changed_stages(root: Path) -> set[str] | None:
     """
     from dvc.repo import Repo
 
-    try:
-        return set(Repo(str(root)).status())
+    from runtime.text_chain import stage_of
+
+    try:  # keyed by DVC address: `text/dvc.yaml:<name>` for the text pipeline's stages
+        return {stage_of(address) for address in Repo(str(root)).status()}
     except Exception:  # a status DVC cannot compute is one `dvc repro` will report properly
         return None
 
 
 @flow(name="reflow-pipeline", log_prints=True)
 def pipeline(root: str = ".", targets: list[str] | None = None,
-             stage_timeout_s: float = DEFAULT_STAGE_TIMEOUT_S) -> list[dict]:
-    """Run the DVC pipeline in `root` stage by stage, with lineage in MLflow."""
+             stage_timeout_s: float = DEFAULT_STAGE_TIMEOUT_S, which: str = "class") -> list[dict]:
+    """Run one DVC pipeline in `root` stage by stage (`which`: `class`, dvc.yaml, or `text`, text/dvc.yaml), with
+    lineage in MLflow."""
     import mlflow
 
     from runtime.params import load_params
@@ -78,7 +87,7 @@ def pipeline(root: str = ".", targets: list[str] | None = None,
     logger = get_run_logger()
     repo = Path(root).resolve()
     params = load_params(repo / "params.yaml")  # fail before anything runs, with every problem listed
-    graph = stage_graph(repo)
+    graph = stage_graph(repo, which)
     order = execution_order(graph, targets)
     logger.info("stages in order: %s", " -> ".join(order))
     changed = changed_stages(repo)
@@ -86,9 +95,10 @@ def pipeline(root: str = ".", targets: list[str] | None = None,
     pipeline_id = str(flow_run.get_id() or os.urandom(8).hex())
     tracking.configure(params.tracking.uri, params.tracking.experiment, repo)
     commit, dirty = git_state(repo)
-    parent_tags = tracking.run_tags({"pipeline_run_id": pipeline_id, "kind": "pipeline",
+    parent_tags = tracking.run_tags({"pipeline_run_id": pipeline_id, "kind": "pipeline", "pipeline": which,
                                      "git_commit": commit or "none", "git_dirty": str(dirty).lower()})
-    parent = mlflow.start_run(run_name=f"pipeline {flow_run.get_name() or pipeline_id[:8]}", tags=parent_tags)
+    name = "pipeline" if which == "class" else f"{which} pipeline"
+    parent = mlflow.start_run(run_name=f"{name} {flow_run.get_name() or pipeline_id[:8]}", tags=parent_tags)
     cfg = {"pipeline_run_id": pipeline_id, "parent_run_id": parent.info.run_id,
            "uri": params.tracking.uri or "", "experiment": params.tracking.experiment,
            "ui_url": params.tracking.ui_url}

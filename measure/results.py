@@ -20,6 +20,7 @@ import numpy as np
 from measure.intervals import MEASURES, Interval, Measured, difference
 
 TEACHER = "artifacts/dit"
+TEACHERS = (TEACHER, "text/artifacts/teacher")  # the class pipeline's and the text pipeline's
 # The chains (runtime/chains.py) by evaluate_models key: (name, (1-RF, 2-RF, the distilled student)).
 CHAINS = (("teacher pairs", ("rf1", "rf2", "distill")),
           ("classic: independent noise", ("rf1_classic", "rf2_classic", "distill_classic")))
@@ -103,17 +104,18 @@ def paired_points(a: Evaluation, b: Evaluation, measure: str = "fid") -> list[Co
     return out
 
 
-def load_evaluations(root: Path) -> list[Evaluation]:
-    """Every `artifacts/evaluate@<key>/results.json`, the teacher first, then by key."""
+def load_evaluations(root: Path, artifacts: Path | None = None) -> list[Evaluation]:
+    """Every `evaluate@<key>/results.json` of an artifacts folder (the class pipeline's `artifacts/` unless
+    given), the teacher first, then by key."""
     found = []
-    for path in sorted((root / "artifacts").glob("evaluate@*/results.json")):
+    for path in sorted((artifacts or root / "artifacts").glob("evaluate@*/results.json")):
         found.append(Evaluation(path.parent.name.split("@", 1)[1], path.parent, json.loads(path.read_text())))
-    return sorted(found, key=lambda e: (e.model != TEACHER, e.key))
+    return sorted(found, key=lambda e: (e.model not in TEACHERS, e.key))
 
 
-def load_floor(root: Path) -> dict[str, Measured] | None:
+def load_floor(root: Path, artifacts: Path | None = None) -> dict[str, Measured] | None:
     """The real-data floor's measures with their replicates, or None before `fid_reference` ran."""
-    path = root / "artifacts" / "fid_reference" / "floor.npz"
+    path = (artifacts or root / "artifacts") / "fid_reference" / "floor.npz"
     if not path.is_file():
         return None
     protocol = json.loads((path.parent / "protocol.json").read_text())

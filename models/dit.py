@@ -102,7 +102,8 @@ def build_dit(
 
 
 def load_dit(path: str | Path) -> DiTTransformer2DModel:
-    """A DiT from a diffusers model folder, or from a pipeline folder holding one in `transformer/`.
+    """A DiT from a diffusers model folder, or from a pipeline folder holding one in `transformer/` (or the text
+    chain's `PromptConditioned` UNet, which every stage calls the same way).
 
     The released DiT weights (facebook/DiT-XL-2-256) come as a `DiTPipeline` folder whose `transformer/config.json`
     names the legacy `Transformer2DModel` class (diffusers maps it to `DiTTransformer2DModel`) and records no
@@ -115,6 +116,15 @@ def load_dit(path: str | Path) -> DiTTransformer2DModel:
     if not config.is_file():
         raise ModelLoadError(f"{path}: no DiT here (expected a diffusers folder with config.json, or a pipeline "
                              f"folder with {DIT_SUBFOLDER}/config.json such as facebook/DiT-XL-2-256)")
+    from models.prompted import PromptConditioned, is_prompt_conditioned
+
+    if is_prompt_conditioned(path):  # the text chain's UNet, behind the same interface (models/prompted.py)
+        try:
+            return PromptConditioned.from_pretrained(path)
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: the text-conditioned model cannot be loaded ({exc.__class__.__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); rerun the stage that made "
+                                 "it") from None
     try:
         recorded = json.loads(config.read_text())
         extra = {} if "norm_eps" in recorded else {"norm_eps": REFERENCE_NORM_EPS}

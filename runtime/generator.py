@@ -26,6 +26,7 @@ from reflow.seqrf import Segmented
 from storage.checkpoints import read_meta
 
 SOLVERS = (*VELOCITY_SOLVERS, "ddim")
+TEACHER_KINDS = ("dit", "text_teacher")  # the class pipeline's DiT, the text pipeline's UNet (models/prompted.py)
 
 
 class GeneratorError(ValueError):
@@ -130,7 +131,7 @@ def load_generator(path: str | Path, *, teacher_guidance: float | None = None) -
     """
     folder = model_folder(path)
     meta = read_meta(folder)
-    if meta.get("kind") == "dit":
+    if meta.get("kind") in TEACHER_KINDS:
         if teacher_guidance is None:
             raise GeneratorError(f"{folder}: the DiT teacher needs its guidance scale (teacher_pairs' attrs)")
         return teacher_generator(load_dit(folder).eval(), meta, folder, teacher_guidance)
@@ -141,13 +142,38 @@ def load_generator(path: str | Path, *, teacher_guidance: float | None = None) -
     return Generator(load_dit(folder).eval(), "velocity", meta, folder, 1.0)
 
 
+def stage_artifact(root: Path, stage: str) -> Path:
+    """Where a stage keeps its output: `artifacts/<stage>`, or `text/artifacts/<name>` for the text pipeline's
+    `text_<name>` (runtime/text_chain.py)."""
+    from runtime.text_chain import ARTIFACTS, is_text
+
+    return root / ARTIFACTS / stage.removeprefix("text_") if is_text(stage) else root / "artifacts" / stage
+
+
+def with_prompt(gen: Generator, prompt: str) -> Generator:
+    """A text model of the text pipeline sampled for one prompt of the user's: a prompt table of that one."""
+    from dataclasses import replace
+
+    from models.prompted import PromptError
+
+    if getattr(gen.model, "family", "dit") != "text":
+        raise GeneratorError(f"{gen.path}: --prompt is for the text pipeline's models (text_teacher, text_rf1, "
+                             "text_distill); this one is class-conditional: use --class")
+    try:
+        model = gen.model.with_prompts([prompt])
+    except PromptError as exc:
+        raise GeneratorError(str(exc)) from None
+    return replace(gen, model=model, meta={**gen.meta, "num_classes": 1, "null_label": model.null_label})
+
+
 def sample_grid(root: Path, model: str, *, steps: int, solver: str | None = None, label: int | None = None,
                 n: int = 64, out: Path, guidance: float | None = None, seed: int = 0, vae: str | None = None,
-                device: str = "cpu") -> dict:
+                device: str = "cpu", prompt: str | None = None) -> dict:
     """`reflow sample`: `n` samples of a trained model as one PNG grid; returns what was made.
 
-    `model` is a stage name (`rf@2`, `dit`) or a model folder. Labels are `label` for every sample, or
-    i mod K; noise comes from per-sample seeds of base `seed`, the way `evaluate` draws it.
+    `model` is a stage name (`rf@2`, `dit`, `text_distill`) or a model folder. Labels are `label` for every
+    sample, or i mod K; a text model takes `prompt` for every sample instead, or its prompt table's i mod K.
+    Noise comes from per-sample seeds of base `seed`, the way `evaluate` draws it.
     """
     import numpy as np
 
@@ -156,13 +182,21 @@ def sample_grid(root: Path, model: str, *, steps: int, solver: str | None = None
     from reflow.seeds import per_sample_noise, sample_seeds
     from storage.datasets import open_dataset
 
-    path = Path(model) if Path(model).exists() else root / "artifacts" / model
+    path = Path(model) if Path(model).exists() else stage_artifact(root, model)
     if not path.exists():
-        raise GeneratorError(f"{model!r} is neither a model folder nor a stage with artifacts/{model}")
-    pairs = root / "artifacts" / "teacher_pairs" / "pairs.zarr"
+        raise GeneratorError(f"{model!r} is neither a model folder nor a stage with outputs at {path}")
+    from runtime.text_chain import ARTIFACTS
+
+    text = path.resolve().is_relative_to((root / ARTIFACTS).resolve())
+    artifacts = root / ARTIFACTS if text else root / "artifacts"  # the pipeline the model belongs to
+    pairs = artifacts / "teacher_pairs" / "pairs.zarr"
     teacher_guidance = (float(open_dataset(pairs, kind="pairs").attrs["guidance_scale"]) if pairs.exists()
                         else None)
     gen = load_generator(path, teacher_guidance=teacher_guidance if teacher_guidance is not None else guidance)
+    if prompt is not None:
+        if label is not None:
+            raise GeneratorError("--prompt and --class both set what to draw: give one")
+        gen = with_prompt(gen, prompt)
     solver = solver or gen.solvers[0]
     num_classes = int(gen.meta["num_classes"])
     if label is not None and not 0 <= label < num_classes:
@@ -171,8 +205,10 @@ def sample_grid(root: Path, model: str, *, steps: int, solver: str | None = None
     z0 = per_sample_noise(sample_seeds(seed, 0, n), tuple(gen.meta["latent_shape"]))
     gen.to(device)
     res = gen.sample(z0.to(device), torch.from_numpy(labels).to(device), steps=steps, solver=solver, guidance=guidance)
-    vae_dir = Path(vae) if vae else root / "artifacts" / "vae" / VAE_SUBFOLDER
+    vae_dir = Path(vae) if vae else artifacts / "vae" / VAE_SUBFOLDER
     images = decode_latents(load_vae(vae_dir).to(device).eval(), res.x.float(), gen.meta["scale_factor"]).numpy()
-    save_grid(images, out, nrow=min(num_classes, 16) if label is None else int(np.ceil(np.sqrt(n))))
+    one = label is not None or prompt is not None
+    save_grid(images, out, nrow=int(np.ceil(np.sqrt(n))) if one else min(num_classes, 16))
     return {"model": str(gen.path), "kind": gen.kind, "solver": solver, "steps": steps, "nfe": res.nfe,
-            "samples": n, "out": str(out), "guidance": gen.default_guidance if guidance is None else guidance}
+            "samples": n, "out": str(out), "guidance": gen.default_guidance if guidance is None else guidance,
+            "prompt": prompt}

@@ -181,7 +181,7 @@ def launched_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]]
     info = json.loads((launch_dir / CONTEXT_FILE).read_text())
     root = repo.find_repo_root()
     params = load_params(root / "params.yaml")
-    view = ParamsView(params, spec.params)
+    view = ParamsView(params, spec.params, spec.aliases)
     state = PartialState(cpu=not uses_cuda(params.compute.device))
     ctx = StageContext(spec=spec, root=root, params=view, scratch=Path(info["scratch"]), inputs=info["inputs"],
                        params_hash=info["params_hash"], tracked=state.is_main_process, rank=state.process_index,

@@ -42,7 +42,7 @@ from storage.scratch import clear_scratch, scratch_dir  # noqa: E402
 
 def make_context(spec: StageSpec, root: Path, params: Params, tracked: bool = True) -> StageContext:
     """Resolve a stage's params view, input hashes and scratch dir in `root`."""
-    view = ParamsView(params, spec.params)
+    view = ParamsView(params, spec.params, spec.aliases)
     try:
         inputs = repo.stage_input_hashes(root, spec.name)
     except KeyError:
@@ -113,14 +113,33 @@ def stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]], *
     return 0
 
 
+def pipeline_stage_main(spec: StageSpec, run: Callable[[StageContext], dict[str, Any]], *, distributed: bool = False,
+                        argv: list[str] | None = None) -> int:
+    """Entry point of a stage both pipelines run: `python -m stages.<module>` in the class pipeline, `python -m
+    stages.<module> text` its copy in the text pipeline (runtime/text_chain.py). Usage errors exit 2."""
+    from runtime.text_chain import TEXT, text_spec
+
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], [TEXT]):
+        print(f"usage: python -m stages.{spec.name} [{TEXT}]   ({TEXT}: the text pipeline's {text_spec(spec).name})",
+              file=sys.stderr)
+        return 2
+    return stage_main(text_spec(spec) if args else spec, run, distributed=distributed)
+
+
 def chain_stage_main(module: str, spec: Callable[..., StageSpec], run: Callable[[StageContext], dict[str, Any]],
                      what: str, argv: list[str] | None = None) -> int:
     """Entry point of a stage that both chains run (`runtime.chains`): `python -m stages.<module> [classic]`, the
-    classic chain's copy (`what`) with the argument. Usage errors exit 2."""
+    classic chain's copy (`what`) with the argument, or `text`: the text pipeline's copy of the teacher chain's
+    stage (runtime/text_chain.py). Usage errors exit 2."""
     from runtime.chains import CLASSIC
+    from runtime.text_chain import TEXT, text_spec
 
     args = sys.argv[1:] if argv is None else argv
-    if args not in ([], [CLASSIC]):
-        print(f"usage: python -m stages.{module} [{CLASSIC}]   ({CLASSIC}: {what})", file=sys.stderr)
+    if args not in ([], [CLASSIC], [TEXT]):
+        print(f"usage: python -m stages.{module} [{CLASSIC}|{TEXT}]   ({CLASSIC}: {what}; {TEXT}: the text "
+              "pipeline's)", file=sys.stderr)
         return 2
+    if args == [TEXT]:
+        return stage_main(text_spec(spec()), run, distributed=True)
     return stage_main(spec(*args), run, distributed=True)

@@ -48,6 +48,16 @@ from runtime.params_stages import SeqRFParams as SeqRFParams
 from runtime.params_stages import TeacherPairsParams as TeacherPairsParams
 from runtime.params_stages import VAEParams as VAEParams
 from runtime.params_stages import VelocityTrainParams as VelocityTrainParams
+from runtime.params_text import (
+    TEXT_MODELS,
+    TextDataParams,
+    TextDistillParams,
+    TextEvalParams,
+    TextFIDFeaturesParams,
+    TextRF1Params,
+    TextTeacherPairsParams,
+    TextTeacherParams,
+)
 
 
 class Params(Strict):
@@ -79,6 +89,25 @@ class Params(Strict):
                                  "rf1_classic": "rf1_classic", "rf2_classic": "rf@2_classic",
                                  "distill_classic": "distill_classic"},
         min_length=1, description="evaluate@<key> -> the model it measures (add rf3: rf@3 with a third round)")
+    # The text pipeline (text/dvc.yaml, runtime/text_chain.py): its own sections, then its copies of the class
+    # pipeline's. Required like the rest: DVC reads text/dvc.yaml's vars from this file for any repro.
+    text_data: TextDataParams = Field(TextDataParams(), description=(
+        "the text pipeline (text/dvc.yaml): captioned images and the prompts file"))
+    text_teacher: TextTeacherParams = TextTeacherParams()
+    text_vae: VAEParams = Field(VAEParams(), description="as vae, for the captioned images")
+    text_extract: ExtractParams = ExtractParams()
+    text_teacher_pairs: TextTeacherPairsParams = Field(TextTeacherPairsParams(), description=(
+        "as teacher_pairs: guided DDIM from stored noise, a prompt per row (label = its line in the prompts file)"))
+    text_rf1: TextRF1Params = Field(TextRF1Params(), description=(
+        "as rf1: InstaFlow's 2-RF (it counts the teacher's ODE as the first flow), from the teacher's UNet"))
+    text_distill: TextDistillParams = Field(TextDistillParams(), description="as distill: InstaFlow's one step")
+    text_fid_features: TextFIDFeaturesParams = Field(TextFIDFeaturesParams(), description=(
+        "as fid_features: one class per prompt, so the judge checks class and colour at once"))
+    text_eval: TextEvalParams = Field(TextEvalParams(), description=(
+        "as eval; 25 is the teacher's DDIM steps (text_teacher_pairs.ddim_steps)"))
+    text_evaluate_models: dict[str, str] = Field(
+        default_factory=lambda: {m: m for m in TEXT_MODELS}, min_length=1,
+        description="text_evaluate@<key> -> the text model it measures")
 
     @model_validator(mode="after")
     def _starts_follow_the_coupling(self) -> Params:
@@ -94,6 +123,18 @@ class Params(Strict):
             raise ValueError("reflow.direction: from_z1 inverts real latents through a flow whose data end is the "
                              "teacher's samples (rf1.coupling: paired), not the data: set reflow.direction: from_z0, "
                              "or rf1.coupling: independent")
+        return self
+
+    @model_validator(mode="after")
+    def _text_models_exist(self) -> Params:
+        if self.text_distill.source != "rf1":
+            raise ValueError(f"text_distill.source={self.text_distill.source!r}: the text chain distills its rf1 "
+                             "(InstaFlow's 2-RF); expected rf1")
+        for key, stage in self.text_evaluate_models.items():
+            if stage not in TEXT_MODELS or not re.fullmatch(r"[a-z][a-z0-9_]*", key):
+                raise ValueError(f"text_evaluate_models.{key}={stage!r}: expected a lower-case key and one of "
+                                 f"{list(TEXT_MODELS)}")
+        self.text_teacher_pairs.solver_for("ddpm_eps")
         return self
 
     @model_validator(mode="after")

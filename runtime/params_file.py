@@ -187,17 +187,23 @@ class ParamsView:
     undeclared section would not be rerun when that section changed.
     """
 
-    def __init__(self, params: BaseModel, sections: Iterable[str]):
+    def __init__(self, params: BaseModel, sections: Iterable[str], aliases: dict[str, str] | None = None):
         self._params = params
         self._sections = tuple(sections)
+        self._aliases = dict(aliases or {})  # name read -> the section it is (see StageSpec.aliases)
         known = list(type(params).model_fields)
-        unknown = set(self._sections) - set(known)
+        unknown = (set(self._sections) | set(self._aliases.values())) - set(known)
         if unknown:
             raise KeyError(f"unknown params section(s) {sorted(unknown)}; known: {known}")
+        undeclared = set(self._aliases.values()) - set(self._sections)
+        if undeclared:
+            raise KeyError(f"aliased params section(s) {sorted(undeclared)} are not among the declared "
+                           f"{self._sections}")
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
+        name = self._aliases.get(name, name)
         if name not in self._sections:
             raise AttributeError(
                 f"params section {name!r} is not declared by this stage (declared: {list(self._sections)}); "

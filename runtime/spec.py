@@ -17,6 +17,9 @@ class StageSpec:
     outs: dict[str, str] = field(default_factory=dict)  # role -> path
     metrics: str | None = None
     note: str | None = None  # why the stage is where it is: its comment in dvc.yaml
+    # The section a stage's code reads -> the params.yaml section it is given instead: the text pipeline's copy
+    # of a class stage reads `text_vae` where the class stage reads `vae` (runtime/text_chain.py).
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 _TEMPLATE = re.compile(r"\$\{([a-z_]+)\.([a-z_]+)\}")

@@ -62,16 +62,25 @@ def held_out_pairs(path, meta: dict, eval_samples: int, names=("z0", "z1", "labe
 
 def velocity_model_like(teacher_dir, *, init_from=None, seed: int = 0, num_layers: int | None = None,
                         attention_head_dim: int | None = None):
-    """A DiT shaped like the teacher with a velocity head (C output channels), optionally initialised.
+    """A model shaped like the teacher with a velocity head (C output channels), optionally initialised.
 
     `init_from` is a model folder (the teacher, or the previous round) copied where shapes match;
-    `num_layers` / `attention_head_dim` make a smaller student (SlimFlow), initialised where they match.
+    `num_layers` / `attention_head_dim` make a smaller student (SlimFlow), initialised where they match. A
+    text-conditioned teacher (models/prompted.py) gives a UNet of its shape with its frozen text encoder.
     """
-    cfg = load_dit(teacher_dir).config
-    model = build_dit(sample_size=cfg.sample_size, in_channels=cfg.in_channels,
-                      num_classes=cfg.num_embeds_ada_norm, patch_size=cfg.patch_size,
-                      num_layers=num_layers or cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-                      attention_head_dim=attention_head_dim or cfg.attention_head_dim, learn_sigma=False, seed=seed)
+    teacher = load_dit(teacher_dir)
+    if getattr(teacher, "family", "dit") == "text":
+        if num_layers is not None or attention_head_dim is not None:
+            raise ValueError(f"{teacher_dir}: a smaller student of a text-conditioned UNet is not available; set "
+                             "the student_* keys of its section to null")
+        model = teacher.velocity_like(seed)
+    else:
+        cfg = teacher.config
+        model = build_dit(sample_size=cfg.sample_size, in_channels=cfg.in_channels,
+                          num_classes=cfg.num_embeds_ada_norm, patch_size=cfg.patch_size,
+                          num_layers=num_layers or cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+                          attention_head_dim=attention_head_dim or cfg.attention_head_dim, learn_sigma=False,
+                          seed=seed)
     copied = 0
     if init_from is not None:
         source = read_meta(init_from)
@@ -129,7 +138,8 @@ def teacher_meta(ctx: StageContext) -> dict:
     return {"null_label": meta["null_label"], "num_classes": meta["num_classes"],
             "latent_shape": meta["latent_shape"], "scale_factor": meta["scale_factor"],
             "time_convention": f"t=0 noise z0, t=1 data z1; {TIME_AXIS}",
-            "teacher_guidance_scale": float(pairs.attrs["guidance_scale"])}
+            "teacher_guidance_scale": float(pairs.attrs["guidance_scale"])} | (
+                {"prompts": meta["prompts"]} if "prompts" in meta else {})  # a text teacher's table
 
 
 def velocity_stage(ctx: StageContext, p: VelocityTrainParams, meta: dict, *, data: BatchSource, objective: LossFn,

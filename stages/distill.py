@@ -12,6 +12,7 @@ It is measured like every velocity model, on the held-out teacher pairs, so its 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +20,13 @@ from diffusers import DiTTransformer2DModel
 
 from models.dit import load_dit
 from models.lpips import LPIPSLoss
+from models.prompted import is_prompt_conditioned
 from models.vae import VAE_SUBFOLDER, load_vae
 from reflow.distill import KStepDistill
 from reflow.samplers import Euler
 from reflow.seqrf import Segmented, SegmentObjective
 from runtime.chains import chain_of, source_key, suffix
-from runtime.context import StageContext
+from runtime.context import StageContext, StageError
 from runtime.devices import generation_device
 from runtime.main import chain_stage_main
 from runtime.spec import StageSpec
@@ -72,6 +74,18 @@ def lpips_on_decoded(ctx: StageContext, meta: dict, device: str):
     return perceptual
 
 
+def student_shape(p, source_dir: Path) -> dict | None:
+    """The student's DiT shape, each null key the source's own; None for a text UNet (the source's shape)."""
+    if is_prompt_conditioned(source_dir):
+        if p.student_num_layers or p.student_attention_head_dim:
+            raise StageError(f"{source_dir}: a smaller student of the text chain's UNet is not available yet; set "
+                             "text_distill.student_num_layers and student_attention_head_dim to null")
+        return None
+    source = DiTTransformer2DModel.load_config(source_dir)
+    return {"num_layers": p.student_num_layers or source["num_layers"],
+            "attention_head_dim": p.student_attention_head_dim or source["attention_head_dim"]}
+
+
 def run(ctx: StageContext) -> dict:
     p, compute = ctx.params.distill, ctx.params.compute
     chain = chain_of(ctx.spec.name)
@@ -94,12 +108,9 @@ def run(ctx: StageContext) -> dict:
                                  loss=p.loss, perceptual=lpips_on_decoded(ctx, meta, device),
                                  perceptual_weight=p.lpips_weight, guide=guide, guide_weight=p.guide_weight)
         sampler, extra = Euler(), {"k_steps": p.k_steps}
-    source = DiTTransformer2DModel.load_config(source_dir)  # a null student size is the source's own
     metrics, copied = velocity_stage(
         ctx, p, meta, data=data, objective=objective, kind="distilled", sampler=sampler,
-        init_from=source_dir if p.init_from_source else None,
-        student={"num_layers": p.student_num_layers or source["num_layers"],
-                 "attention_head_dim": p.student_attention_head_dim or source["attention_head_dim"]},
+        init_from=source_dir if p.init_from_source else None, student=student_shape(p, source_dir),
         model_meta={**extra, "source": source_name, "chain": chain or "teacher", "per_segment": per_segment,
                     "one_step": not per_segment and p.k_steps == 1})
     return {**metrics, "tensors_from_source": float(copied)}

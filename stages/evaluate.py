@@ -81,12 +81,15 @@ def run(ctx: StageContext) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.text_chain import TEXT, text_spec
+
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m stages.evaluate KEY MODEL_STAGE   (from evaluate_models in params.yaml)",
-              file=sys.stderr)
+    text = args[:1] == [TEXT]
+    if len(args) != 2 + text:
+        print(f"usage: python -m stages.evaluate [{TEXT}] KEY MODEL_STAGE   (from evaluate_models in params.yaml, or "
+              f"with {TEXT} from text_evaluate_models)", file=sys.stderr)
         return 2
-    return stage_main(spec(*args), run)
+    return stage_main(text_spec(spec(*args[1:])) if text else spec(*args), run)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from models.vae import VAE_SUBFOLDER, images_to_unit, load_vae
 from runtime.context import StageContext
 from runtime.devices import generation_device
-from runtime.main import stage_main
+from runtime.main import pipeline_stage_main
 from runtime.spec import StageSpec
 from storage.atomic import atomic_dir
 from storage.datasets import open_dataset, write_dataset
@@ -70,8 +70,8 @@ def run(ctx: StageContext) -> dict:
             "flip_equivariance_error": flip_error}
 
 
-def main() -> int:
-    return stage_main(SPEC, run)
+def main(argv: list[str] | None = None) -> int:
+    return pipeline_stage_main(SPEC, run, argv=argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 
 from measure.fid import CLASSIFIER_SUBFOLDER, FeatureNet, classifier_loss, classify
 from runtime.context import StageContext, train_config
-from runtime.main import stage_main
+from runtime.main import pipeline_stage_main
 from runtime.spec import StageSpec
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
@@ -62,8 +62,8 @@ def run(ctx: StageContext) -> dict:
     return {"held_out_accuracy": accuracy, "majority_class_accuracy": chance, "train_loss": result.last_loss}
 
 
-def main() -> int:
-    return stage_main(SPEC, run, distributed=True)
+def main(argv: list[str] | None = None) -> int:
+    return pipeline_stage_main(SPEC, run, distributed=True, argv=argv)
 
 
 if __name__ == "__main__":

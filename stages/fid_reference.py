@@ -20,7 +20,7 @@ from measure.fid import CLASSIFIER_SUBFOLDER, INCEPTION, FeatureNet, fid_feature
 from measure.intervals import MEASURES, Reference, measure_sets
 from measure.reference import extractor_entry, floor_draws, protocol_record
 from runtime.context import StageContext, StageError
-from runtime.main import stage_main
+from runtime.main import pipeline_stage_main
 from runtime.spec import StageSpec
 from storage.atomic import atomic_dir, atomic_write_json, atomic_write_npz
 from storage.datasets import open_dataset
@@ -74,8 +74,8 @@ def run(ctx: StageContext) -> dict:
             for suffix, key in (("", "estimate"), ("_ci_low", "low"), ("_ci_high", "high")) for name in MEASURES}
 
 
-def main() -> int:
-    return stage_main(SPEC, run)
+def main(argv: list[str] | None = None) -> int:
+    return pipeline_stage_main(SPEC, run, argv=argv)
 
 
 if __name__ == "__main__":

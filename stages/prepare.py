@@ -44,12 +44,19 @@ def run(ctx: StageContext) -> dict:
     if p.max_images is not None and p.max_images < len(keep):
         # A seeded subset, stratified by the split below, for quick runs on a large source.
         keep = np.sort(np.random.default_rng(p.split_seed).permutation(len(keep))[: p.max_images])
-    labels = images.labels[keep]
-    splits = split_dataset(labels, {"reference": p.reference_fraction, "features": p.features_fraction,
-                                    "floor": p.floor_fraction}, p.split_seed)
-    attrs = {"class_names": images.class_names, "num_classes": len(images.class_names),
-             "resolution": p.resolution, "source": p.source}
-    num_classes = len(images.class_names)
+    fractions = {"reference": p.reference_fraction, "features": p.features_fraction, "floor": p.floor_fraction}
+    return write_splits(ctx, images.images[keep], images.labels[keep], keep, images.class_names, fractions,
+                        p.split_seed, {"resolution": p.resolution, "source": p.source})
+
+
+def write_splits(ctx: StageContext, images: np.ndarray, labels: np.ndarray, source_index: np.ndarray,
+                 class_names: list[str], fractions: dict[str, float], seed: int, attrs: dict,
+                 also=None) -> dict:
+    """The four splits of `images` into the stage's output, with `splits.json`, `classes.json` and a grid of the
+    training images (one column per class); `also(folder)` adds files beside them. Returns the stage's metrics."""
+    splits = split_dataset(labels, fractions, seed)
+    attrs = {"class_names": class_names, "num_classes": len(class_names), **attrs}
+    num_classes = len(class_names)
     manifest = {}
     out = ctx.out("data")
     with atomic_dir(out) as tmp:
@@ -57,16 +64,18 @@ def run(ctx: StageContext) -> dict:
             idx = splits[split]
             content_hash = write_dataset(
                 tmp / f"{split}.zarr",
-                {"images": images.images[keep[idx]], "labels": labels[idx], "source_index": keep[idx]},
+                {"images": images[idx], "labels": labels[idx], "source_index": source_index[idx]},
                 kind="images", attrs={**attrs, "split": split}, **ctx.attrs(),
             )
             manifest[split] = {"rows": int(len(idx)), "content_hash": content_hash,
                                "per_class": np.bincount(labels[idx], minlength=num_classes).tolist()}
-        atomic_write_json(tmp / "splits.json", {"seed": p.split_seed, "splits": manifest})
-        atomic_write_json(tmp / "classes.json", images.class_names)
+        atomic_write_json(tmp / "splits.json", {"seed": seed, "splits": manifest})
+        atomic_write_json(tmp / "classes.json", class_names)
         train = splits["train"]
-        shown, columns = class_grid_indices(labels[train], rows=8, seed=p.split_seed)
-        save_grid(images.images[keep[train[shown]]], tmp / "grid.png", nrow=columns)
+        shown, columns = class_grid_indices(labels[train], rows=8, seed=seed)
+        save_grid(images[train[shown]], tmp / "grid.png", nrow=columns)
+        if also is not None:
+            also(tmp)
     ctx.log_artifact(out / "grid.png", "samples")
     return {f"{split}_images": manifest[split]["rows"] for split in SPLITS} | {"num_classes": num_classes}
 

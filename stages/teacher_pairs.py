@@ -24,7 +24,7 @@ from reflow.seeds import balanced_labels, per_sample_noise, sample_seeds
 from runtime.context import StageContext, StageError
 from runtime.devices import generation_device
 from runtime.generator import teacher_generator, teacher_objective
-from runtime.main import stage_main
+from runtime.main import pipeline_stage_main
 from runtime.pairs import generate_pairs, pair_schema
 from runtime.spec import StageSpec
 from storage.checkpoints import read_meta
@@ -77,6 +77,11 @@ def run(ctx: StageContext) -> dict:
              "guidance_scale": p.guidance_scale, "base_seed": p.seed, "scale_factor": meta["scale_factor"],
              "num_classes": meta["num_classes"], "null_label": meta["null_label"],
              "time_convention": "t=0 noise z0, t=1 data z1"}
+    prompts = meta.get("prompts")
+    schema = pair_schema(shape)
+    if prompts:
+        attrs["prompts"] = prompts
+        schema["guidance"] = ((), "float32")
     nfe = {}
 
     def make_batch(start: int, stop: int) -> dict[str, np.ndarray]:
@@ -84,16 +89,19 @@ def run(ctx: StageContext) -> dict:
         labels = balanced_labels(start, stop, meta["num_classes"])
         z0, z1, nfe["per_sample"] = generate(model, meta, seeds, labels, steps=steps, solver=solver,
                                              guidance=p.guidance_scale, device=device)
-        return {"z0": z0.numpy(), "z1": z1.numpy(), "label": labels, "seed": np.asarray(seeds, dtype=np.int64)}
+        row = {"z0": z0.numpy(), "z1": z1.numpy(), "label": labels, "seed": np.asarray(seeds, dtype=np.int64)}
+        if prompts:  # a text teacher: each row's prompt is line `label` of the table, and its guidance is stored
+            row["guidance"] = np.full(len(labels), p.guidance_scale, dtype=np.float32)
+        return row
 
     def grid(folder: Path) -> None:  # labels are i mod K, so a grid K wide shows one class per column
         z1 = torch.from_numpy(open_dataset(folder / "pairs.zarr", kind="pairs").read(
             "z1", 0, min(p.grid_samples, p.num_samples)))
         save_grid(decode_latents(vae, z1, meta["scale_factor"]).numpy(), folder / "grid.png",
-                  nrow=min(meta["num_classes"], 16))
+                  nrow=meta.get("grid_columns", min(meta["num_classes"], 16)))
 
     stats = generate_pairs(ctx, n_rows=p.num_samples, shard_rows=p.shard_size, batch_size=p.batch_size, attrs=attrs,
-                           make_batch=make_batch, desc="teacher pairs", schema=pair_schema(shape),
+                           make_batch=make_batch, desc="teacher pairs", schema=schema,
                            out=ctx.out("pairs"), also=grid, drop_farthest=p.drop_farthest)
     if not ctx.is_main:
         return stats
@@ -101,8 +109,8 @@ def run(ctx: StageContext) -> dict:
     return {**stats, "nfe_per_sample": nfe.get("per_sample", expected_nfe)}
 
 
-def main() -> int:
-    return stage_main(SPEC, run, distributed=True)
+def main(argv: list[str] | None = None) -> int:
+    return pipeline_stage_main(SPEC, run, distributed=True, argv=argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from models.vae import VAE_SUBFOLDER, VAEObjective, VAETraining, build_vae, latent_stats, load_vae, vae_downsampling
 from runtime.context import StageContext, train_config
 from runtime.devices import generation_device
-from runtime.main import stage_main
+from runtime.main import pipeline_stage_main
 from runtime.spec import StageSpec
 from storage.checkpoints import save_model
 from storage.datasets import open_dataset
@@ -69,8 +69,8 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-def main() -> int:
-    return stage_main(SPEC, run, distributed=True)
+def main(argv: list[str] | None = None) -> int:
+    return pipeline_stage_main(SPEC, run, distributed=True, argv=argv)
 
 
 if __name__ == "__main__":

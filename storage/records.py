@@ -85,9 +85,13 @@ def _parse_lock(text: str) -> dict[str, dict[str, dict[str, str]]]:
 
 
 def lock_entries(root: Path) -> dict[str, dict[str, dict[str, str]]]:
-    """{stage: {"deps": {path: hash}, "outs": {path: hash}, "params": {"section.key": value}}} of `dvc.lock`."""
-    lock = root / "dvc.lock"
-    return _parse_lock(lock.read_text()) if lock.is_file() else {}
+    """{stage: {"deps": {path: hash}, "outs": {path: hash}, "params": {"section.key": value}}} of `dvc.lock` and of
+    the text pipeline's `text/dvc.lock` (stage names are distinct: the text pipeline's start with `text_`)."""
+    entries: dict = {}
+    for lock in (root / "dvc.lock", root / "text" / "dvc.lock"):
+        if lock.is_file():
+            entries |= _parse_lock(lock.read_text())
+    return entries
 
 
 def _records(read: Callable[[str], bytes | None]) -> Records:
@@ -97,7 +101,9 @@ def _records(read: Callable[[str], bytes | None]) -> Records:
     run by hand) holds another run's numbers.
     """
     records = {}
-    for stage, entry in _parse_lock(read("dvc.lock").decode()).items():
+    text = read("text/dvc.lock")  # the text pipeline's, where it ran
+    entries = _parse_lock(read("dvc.lock").decode()) | (_parse_lock(text.decode()) if text is not None else {})
+    for stage, entry in entries.items():
         metrics: dict[str, float] = {}
         for path, digest in entry["outs"].items():
             data = read(path) if path.endswith(".json") else None

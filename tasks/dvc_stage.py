@@ -78,7 +78,9 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 def run_stage_process(stage: str, root: Path, *, env: dict[str, str], timeout_s: float, log) -> StageOutcome:
     """Run `dvc repro --single-item stage` in `root`, streaming output to `log(line)`."""
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    from runtime.text_chain import address
+
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", address(stage)]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

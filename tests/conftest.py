@@ -26,7 +26,7 @@ for var, value in {
 os.environ.pop("PREFECT_API_URL", None)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "data", *PACKAGES)
+PROJECT_FILES = ("dvc.yaml", "data", "text", *PACKAGES)  # text/: the text pipeline's dvc.yaml and prompts
 
 
 def git(root: Path, *args: str) -> None:
@@ -40,7 +40,9 @@ def make_pipeline_repo(root: Path, params: Path = ROOT / "presets" / "tiny.yaml"
     for name in PROJECT_FILES:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+            # A checkout's own text pipeline outputs (text/artifacts, ...) are not project files.
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "artifacts", "report",
+                                                                            "metrics", "dvc.lock", ".gitignore"))
         else:
             shutil.copy(src, root / name)
     shutil.copy(params, root / "params.yaml")

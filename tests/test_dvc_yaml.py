@@ -22,7 +22,13 @@ from flows.dvc_yaml import PACKAGES, code_closure, document, render, stale_diff
 from runtime.params import SECTIONS, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {s.name: s for s in Repo(str(ROOT)).index.stages}
+def class_stages(repo) -> list:
+    """The class pipeline's stages (dvc.yaml); text/dvc.yaml's are the text pipeline's (tests/test_text_chain.py)."""
+    return [s for s in repo.index.stages if Path(s.dvcfile.path).name == "dvc.yaml" and Path(s.dvcfile.path).parent
+            == Path(repo.root_dir)]
+
+
+STAGES = {s.name: s for s in class_stages(Repo(str(ROOT)))}
 PARAMS = load_params(ROOT / "params.yaml")
 
 
@@ -119,8 +125,8 @@ def test_no_stage_reruns_on_tracking_params(name):
 
 
 def test_every_params_section_is_used_by_some_stage_or_is_tracking():
-    used = {s for stage in STAGES.values() for s in params_sections(stage)}
-    assert used | {"tracking", "reflow_rounds", "evaluate_models"} == set(SECTIONS)
+    used = {s for stage in Repo(str(ROOT)).index.stages for s in params_sections(stage)}  # both pipelines
+    assert used | {"tracking", "reflow_rounds", "evaluate_models", "text_evaluate_models"} == set(SECTIONS)
 
 
 def test_outputs_are_produced_once_and_validate_runs_before_every_other_stage():
@@ -153,10 +159,11 @@ def edited_status(repo: Path, path: str) -> tuple[set[str], dict[str, list[str]]
     """(stages `dvc status` reports after a comment is appended to `path`, {stage: its code closure})."""
     with open(repo / path, "a") as f:
         f.write("# an edit that changes no behaviour\n")
-    res = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"], cwd=repo, capture_output=True,
+                         text=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     with Repo(str(repo)) as dvc_repo:
-        closures = {s.name: code_closure(stage_module(s), repo) for s in dvc_repo.index.stages}
+        closures = {s.name: code_closure(stage_module(s), repo) for s in class_stages(dvc_repo)}
     return set(json.loads(res.stdout)), closures
 
 

@@ -40,7 +40,8 @@ def test_servers_bind_loopback_unless_told_otherwise():
 def test_every_output_is_inside_the_workspace_output_folders():
     from dvc.repo import Repo
 
-    allowed = [(ROOT / d).resolve() for d in ("artifacts", "metrics", "reports")]
+    allowed = [(ROOT / d).resolve() for d in ("artifacts", "metrics", "reports", "text/artifacts", "text/metrics",
+                                              "text/report")]
     for stage in Repo(str(ROOT)).index.stages:
         for out in stage.outs:
             path = (ROOT / str(out.def_path)).resolve()

@@ -86,7 +86,9 @@ def velocity_model_like(teacher_dir, *, init_from=None, seed: int = 0, num_layer
         source = read_meta(init_from)
         if source.get("objective") == "rectified_flow_velocity":  # the teacher's own axis needs no check
             require_time_axis(source, Path(init_from))
-        copied, _ = init_where_shapes_match(model, load_dit(init_from))
+        # rf1 starts from the teacher it is shaped like: the model already loaded, not a second read of it
+        source_model = teacher if Path(init_from).resolve() == Path(teacher_dir).resolve() else load_dit(init_from)
+        copied, _ = init_where_shapes_match(model, source_model)
     return model, copied
 
 

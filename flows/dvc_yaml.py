@@ -59,6 +59,8 @@ STAGES = (
     Stage("rf", foreach="${reflow_rounds}", args=("${key}", "${item}")),
     Stage("seqrf_pairs"),
     Stage("seqrf"),
+    Stage("meanflow"),
+    Stage("shortcut"),
     Stage("fid_features"),
     Stage("fid_reference"),
     *chain_stages("distill_pairs"),

@@ -33,6 +33,10 @@ HEADLINES = (
       for name, (rf1, rf2, student) in CHAINS),
     ("one-step students: classic chain against teacher pairs", ("distill_classic", 1), (("distill",), 1)),
     ("SeqRF against 2-RF at 4 NFE", ("seqrf", 4), (("rf2",), 4)),
+    ("MeanFlow against 2-RF at one step (both from 1-RF, on 2-RF's pairs)", ("meanflow", 1), (("rf2",), 1)),
+    ("MeanFlow against the distilled student at one step", ("meanflow", 1), (("distill",), 1)),
+    ("shortcut against the distilled student at one step", ("shortcut", 1), (("distill",), 1)),
+    ("MeanFlow against shortcut at two steps", ("meanflow", 2), (("shortcut",), 2)),
 )
 
 

@@ -116,6 +116,7 @@ def load_dit(path: str | Path) -> DiTTransformer2DModel:
     if not config.is_file():
         raise ModelLoadError(f"{path}: no DiT here (expected a diffusers folder with config.json, or a pipeline "
                              f"folder with {DIT_SUBFOLDER}/config.json such as facebook/DiT-XL-2-256)")
+    from models.interval import IntervalDiT, is_interval_model
     from models.prompted import PromptConditioned, is_prompt_conditioned
 
     if is_prompt_conditioned(path):  # the text chain's UNet, behind the same interface (models/prompted.py)
@@ -128,12 +129,14 @@ def load_dit(path: str | Path) -> DiTTransformer2DModel:
     try:
         recorded = json.loads(config.read_text())
         extra = {} if "norm_eps" in recorded else {"norm_eps": REFERENCE_NORM_EPS}
-        model = DiTTransformer2DModel.from_pretrained(path, **extra)
+        model = _reference_fixes(DiTTransformer2DModel.from_pretrained(path, **extra))
+        if is_interval_model(path):  # MeanFlow's and the shortcut model's second time input
+            model = IntervalDiT.from_dit_folder(model, path)
     except Exception as exc:  # safetensors, JSON and shape errors come in many types; all mean "unusable"
         raise ModelLoadError(f"{path}: the DiT's weights or config cannot be loaded ({exc.__class__.__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); the checkpoint is truncated or "
                              "altered: rerun the stage that made it (`dvc repro` sees the change)") from None
-    return _reference_fixes(model)
+    return model
 
 
 def null_label(model: DiTTransformer2DModel) -> int:
@@ -157,9 +160,12 @@ def flow_time(timestep: torch.Tensor) -> torch.Tensor:
     return 1 - timestep / TIME_SCALE
 
 
-def dit_velocity(model: DiTTransformer2DModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-    """Velocity prediction at time t in [0, 1] (t = 0 noise, t = 1 data), on the teacher's timestep axis."""
-    out = model(x, timestep=flow_timestep(t), class_labels=y).sample
+def dit_velocity(model: DiTTransformer2DModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                 interval: torch.Tensor | None = None):
+    """Velocity prediction at time t in [0, 1] (t = 0 noise, t = 1 data), on the teacher's timestep axis; with
+    `interval` h (an interval model, models/interval.py) the average velocity over [t, t + h]."""
+    extra = {} if interval is None else {"interval": interval}
+    out = model(x, timestep=flow_timestep(t), class_labels=y, **extra).sample
     return out[:, : x.shape[1]]
 
 

@@ -188,7 +188,8 @@ class RectifiedFlow:
 
 def velocity_field(model: nn.Module, y: Tensor, *, null_label: int, guidance: float = 1.0) -> Field:
     """The velocity field of a trained model for labels `y`, with classifier-free guidance when != 1."""
-    return guided(lambda x, t, c: dit_velocity(model, x, t, c), y, null_label=null_label, scale=guidance)
+    return guided(lambda x, t, c, **kwargs: dit_velocity(model, x, t, c, **kwargs), y, null_label=null_label,
+                  scale=guidance)
 
 
 @torch.no_grad()

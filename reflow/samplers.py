@@ -51,9 +51,10 @@ class Field:
         self.evals_per_call = evals_per_call
         self.nfe = 0
 
-    def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor | float, **kwargs) -> Tensor:
+        """`kwargs` go to `fn` as they are (`interval=h`: the step length of an interval model, IntervalEuler)."""
         self.nfe += self.evals_per_call
-        return self.fn(x, _time_vector(t, x))
+        return self.fn(x, _time_vector(t, x), **kwargs)
 
 
 def guided(
@@ -72,11 +73,12 @@ def guided(
     learned-variance half before guiding).
     """
     if y is None or scale == 1:
-        return Field(lambda x, t: fn3(x, t, y))
+        return Field(lambda x, t, **kwargs: fn3(x, t, y, **kwargs))
     null = torch.full_like(y, null_label)
 
-    def fn(x: Tensor, t: Tensor) -> Tensor:
-        out = fn3(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+    def fn(x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        kwargs = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+        out = fn3(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **kwargs)
         cond, uncond = out.chunk(2)
         return uncond + scale * (cond - uncond)
 
@@ -210,6 +212,30 @@ class _AcceptedSteps:
 
     def callback_accept_step(self, t0: Tensor, x0: Tensor, dt: Tensor) -> None:
         self.path.visit(float(t0), x0)
+
+
+class IntervalEuler:
+    """Steps of an interval model (MeanFlow, shortcut; models/interval.py): `x <- x + h * f(x, t, h)` on `steps`
+    equal steps of length `h = 1 / steps`, `steps` evaluations. Each step is the average velocity over its own
+    interval, not the velocity at its start, so one step is the model's whole map from noise to data."""
+
+    name = "euler"
+
+    @torch.no_grad()
+    def __call__(self, field: Field, z0: Tensor, steps: int | None, *, t_start: float = 0.0, t_end: float = 1.0,
+                 return_trajectory: bool = False) -> SampleResult:
+        times = time_grid(t_start, t_end, _steps("interval euler", steps))
+        nfe_before, x = field.nfe, z0
+        trajectory = [(times[0], x)] if return_trajectory else None
+        path = PathTally(times[0], z0)
+        for t, t_next in zip(times[:-1], times[1:], strict=True):
+            h = torch.full((x.shape[0],), t_next - t, dtype=torch.promote_types(x.dtype, torch.float32),
+                           device=x.device)
+            x = x + (t_next - t) * field(x, t, interval=h)
+            path.visit(t_next, x)
+            if trajectory is not None:
+                trajectory.append((t_next, x))
+        return _result(x, field.nfe - nfe_before, trajectory, path)
 
 
 def _steps(name: str, steps: int | None) -> int:

@@ -18,7 +18,7 @@ import torch
 
 from models.dit import TIME_AXIS, dit_epsilon, load_dit
 from reflow.rectified import velocity_field
-from reflow.samplers import DDIM, SampleResult, guided, straightness
+from reflow.samplers import DDIM, IntervalEuler, SampleResult, guided, straightness
 from reflow.samplers import SOLVERS as VELOCITY_SOLVERS
 from reflow.samplers import solver as solver_named
 from reflow.segments import steps_problem
@@ -49,10 +49,20 @@ class Generator:
     def solvers(self) -> tuple[str, ...]:
         return ("ddim",) if self.kind == "epsilon" else VELOCITY_SOLVERS
 
+    @property
+    def interval_model(self) -> str | None:
+        """`meanflow` or `shortcut` for a model that takes its step's length (models/interval.py), else None."""
+        return self.meta.get("interval_model")
+
     def unsupported(self, solver: str, steps: int) -> str | None:
         """Why `solver` with `steps` steps is not a way to sample this model, or None when it is."""
         if solver not in self.solvers:
             return f"a {self.kind} model samples with {' or '.join(self.solvers)}, not {solver!r}"
+        if self.interval_model and solver != "euler":
+            return f"a {self.interval_model} model samples with steps of its own (solver euler), not {solver!r}"
+        allowed = self.meta.get("step_counts")
+        if allowed and steps not in allowed:
+            return f"a shortcut model samples at the step counts it was trained for, {allowed}, not {steps}"
         if self.boundaries and solver != "euler":
             return "a segmented model samples with Euler inside each segment"
         if solver == "rk45":
@@ -75,6 +85,8 @@ class Generator:
         field = velocity_field(self.model, y, null_label=null, guidance=scale)
         if self.boundaries:
             return Segmented(tuple(self.boundaries))(field, z0, steps)
+        if self.interval_model:
+            return IntervalEuler()(field, z0, steps)
         return solver_named(solver, rtol=tolerance, atol=tolerance)(field, z0, steps)
 
     @torch.inference_mode()

@@ -42,9 +42,11 @@ from runtime.params_stages import DiTParams as DiTParams
 from runtime.params_stages import EvalParams as EvalParams
 from runtime.params_stages import ExtractParams as ExtractParams
 from runtime.params_stages import FIDFeaturesParams as FIDFeaturesParams
+from runtime.params_stages import MeanFlowParams as MeanFlowParams
 from runtime.params_stages import ReflowParams as ReflowParams
 from runtime.params_stages import RF1Params as RF1Params
 from runtime.params_stages import SeqRFParams as SeqRFParams
+from runtime.params_stages import ShortcutParams as ShortcutParams
 from runtime.params_stages import TeacherPairsParams as TeacherPairsParams
 from runtime.params_stages import VAEParams as VAEParams
 from runtime.params_stages import VelocityTrainParams as VelocityTrainParams
@@ -79,6 +81,10 @@ class Params(Strict):
         description='round k -> the model it starts from, per chain (runtime/chains.py); add "3": rf@2 for 3-RF')
     seqrf: SeqRFParams = Field(SeqRFParams(), description="sequential rectified flow on top of the 1-RF teacher flow")
     distill: DistillParams = Field(DistillParams(), description="one step: z0 -> z0 + v(z0, 0)")
+    meanflow: MeanFlowParams = Field(MeanFlowParams(), description=(
+        "MeanFlow's average velocity over [t, t + h], any step count from one network; on pairs, Re-MeanFlow"))
+    shortcut: ShortcutParams = Field(ShortcutParams(), description=(
+        "a shortcut model: the step size d as an input, flow matching plus self-consistency"))
     fid_features: FIDFeaturesParams = Field(FIDFeaturesParams(), description=(
         "FID feature extractor and class-consistency judge, fitted on the features split"))
     eval: EvalParams = Field(
@@ -87,7 +93,8 @@ class Params(Strict):
     evaluate_models: dict[str, str] = Field(
         default_factory=lambda: {"dit": "dit", "rf1": "rf1", "rf2": "rf@2", "seqrf": "seqrf", "distill": "distill",
                                  "rf1_classic": "rf1_classic", "rf2_classic": "rf@2_classic",
-                                 "distill_classic": "distill_classic"},
+                                 "distill_classic": "distill_classic", "meanflow": "meanflow",
+                                 "shortcut": "shortcut"},
         min_length=1, description="evaluate@<key> -> the model it measures (add rf3: rf@3 with a third round)")
     # The text pipeline (text/dvc.yaml, runtime/text_chain.py): its own sections, then its copies of the class
     # pipeline's. Required like the rest: DVC reads text/dvc.yaml's vars from this file for any repro.
@@ -166,7 +173,16 @@ class Params(Strict):
                 f"{self.reflow_rounds}")
         models = ["rf1", *(f"rf@{k}" for k in self.reflow_rounds if not chain_of(k)), "seqrf"]
         classic = [first_flow(CLASSIC), *(f"rf@{k}" for k in self.reflow_rounds if chain_of(k))]
-        evaluated = ["dit", *models, "distill", *classic, f"distill{suffix(CLASSIC)}"]
+        evaluated = ["dit", *models, "distill", *classic, f"distill{suffix(CLASSIC)}", "meanflow", "shortcut"]
+        pair_sets = ["teacher_pairs", *(f"reflow_pairs@{k}" for k in self.reflow_rounds)]
+        for section in ("meanflow", "shortcut"):
+            p = getattr(self, section)
+            if p.pairs not in pair_sets:
+                raise ValueError(f"{section}.pairs={p.pairs!r} is not a pair set of this pipeline; expected one of "
+                                 f"{pair_sets}")
+            if p.init_from not in ["dit", *models, *classic]:
+                raise ValueError(f"{section}.init_from={p.init_from!r} is not a model of this pipeline; expected one "
+                                 f"of {['dit', *models, *classic]}")
         if self.distill.classic_source not in classic:
             raise ValueError(f"distill.classic_source={self.distill.classic_source!r} is not a model of the classic "
                              f"chain; expected one of {classic}")
@@ -189,6 +205,10 @@ class Params(Strict):
 
 SECTIONS: tuple[str, ...] = tuple(Params.model_fields)
 OPTIONAL_SECTIONS = frozenset({"tracking"})  # no stage reads it through DVC
+# Keys dvc.yaml interpolates into paths (`artifacts/${distill.source}`): DVC reads them from the file itself, so
+# they must be written out even at their defaults (tests/test_dvc_yaml.py checks this list against dvc.yaml).
+INTERPOLATED_KEYS = ("data.path", "distill.source", "distill.classic_source", "meanflow.pairs", "meanflow.init_from",
+                     "shortcut.pairs", "shortcut.init_from", "text_data.prompts", "text_distill.source")
 
 
 def parse_params(raw: Any, path: Path = Path("params.yaml")) -> Params:
@@ -202,7 +222,16 @@ def load_params(path: str | Path) -> Params:
     raw = read_params_mapping(path)
     params = parse_params(raw, path)
     require_sections(raw, [s for s in SECTIONS if s not in OPTIONAL_SECTIONS], path)
+    missing = [key for key in INTERPOLATED_KEYS if key.split(".")[1] not in (raw[key.split(".")[0]] or {})]
+    if missing:
+        raise ParamsError(path, [f"{key}: missing; dvc.yaml builds a dependency path from it, which DVC reads from "
+                                 f"this file: write it out (its default is {_default(key)!r})" for key in missing])
     return params
+
+
+def _default(key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(Params(), section), name)
 
 
 def render_params() -> str:

@@ -20,6 +20,7 @@ import torch
 from imagedata.grids import save_grid
 from measure.metrics import EULER, flow_errors
 from models.dit import DIT_SUBFOLDER, TIME_AXIS, build_dit, init_where_shapes_match, load_dit
+from models.interval import IntervalDiT
 from models.vae import VAE_SUBFOLDER, decode_latents, load_vae
 from reflow.rectified import velocity_field
 from reflow.samplers import Solver
@@ -144,20 +145,23 @@ def teacher_meta(ctx: StageContext) -> dict:
                 {"prompts": meta["prompts"]} if "prompts" in meta else {})  # a text teacher's table
 
 
-def velocity_stage(ctx: StageContext, p: VelocityTrainParams, meta: dict, *, data: BatchSource, objective: LossFn,
-                   init_from: Path | None, kind: str, model_meta: dict, sampler: Solver = EULER,
-                   student: dict | None = None) -> tuple[dict, int]:
+def velocity_stage(ctx: StageContext, p: VelocityTrainParams, meta: dict, *, data: BatchSource | dict,
+                   objective: LossFn, init_from: Path | None, kind: str, model_meta: dict, sampler: Solver = EULER,
+                   student: dict | None = None, interval: bool = False) -> tuple[dict, int]:
     """Train a velocity model on `data` with `objective`, measure it on the held-out teacher pairs, save it.
 
     `init_from`: the model folder it starts from where shapes match (None: fresh weights); `student`: its
     own shape (`num_layers`, `attention_head_dim`; None keeps the teacher's), recorded with its parameter
-    count; `model_meta`: what its `meta.json` adds to the
-    teacher's `meta`. Returns the stage's metrics and how many tensors were initialised from `init_from`.
+    count; `interval`: the model also takes the step's length (models/interval.py: MeanFlow, shortcut), starting
+    as the model it copies; `model_meta`: what its `meta.json` adds to the teacher's `meta`. Returns the stage's
+    metrics and how many tensors were initialised from `init_from`.
     """
     compute = ctx.params.compute
     _, eval_pairs = held_out_pairs(ctx.dep("teacher_pairs") / "pairs.zarr", meta, p.eval_samples)
     model, copied = velocity_model_like(ctx.dep("dit") / DIT_SUBFOLDER, init_from=init_from, seed=compute.seed,
                                         **(student or {}))
+    if interval:
+        model = IntervalDiT(model, seed=compute.seed)
     result = train_velocity(ctx, p, compute, model, data, objective, desc=ctx.spec.name)
     if student is not None:  # a student records its size
         n_params = sum(q.numel() for q in result.ema.parameters())
@@ -167,3 +171,25 @@ def velocity_stage(ctx: StageContext, p: VelocityTrainParams, meta: dict, *, dat
     if student is not None:
         metrics["student_parameters"] = float(n_params)
     return metrics, copied
+
+
+def coupling_data(ctx: StageContext, p, meta: dict) -> BatchSource | dict:
+    """The training rows of a model that names its coupling (`p.coupling`, `p.pairs`, `p.drop_farthest`):
+    real latents for `independent`; otherwise the pair set `p.pairs` (without the held-out teacher pairs when it
+    is `teacher_pairs`), minus the `drop_farthest` fraction of pairs with the largest `||z1 - z0||` (Re-MeanFlow's
+    filter, applied in RAM; the dataset itself is left as it is)."""
+    compute = ctx.params.compute
+    if p.coupling == "independent":
+        latents = open_dataset(ctx.dep("latents") / "latents.zarr", kind="latents")
+        return batch_source(latents, {"z1": "z1", "label": "labels"}, compute.seed,
+                            ram_budget_gb=compute.ram_budget_gb)
+    path = ctx.dep("pairs") / "pairs.zarr"
+    rows = held_out_pairs(path, meta, p.eval_samples)[0] if p.pairs == "teacher_pairs" else None
+    if p.drop_farthest <= 0:
+        return training_rows(path, meta, compute, rows=rows)
+    pairs = _pairs(path, meta, ("z0", "z1", "label"))
+    n = pairs.n_rows if rows is None else rows
+    arrays = {name: as_tensor(name, pairs.read(name, 0, n)) for name in ("z0", "z1", "label")}
+    distance = (arrays["z1"] - arrays["z0"]).flatten(1).double().norm(dim=1)
+    keep = torch.sort(torch.argsort(distance, stable=True)[: n - int(round(p.drop_farthest * n))]).values
+    return {name: a[keep] for name, a in arrays.items()}

@@ -190,3 +190,14 @@ def test_an_edit_to_the_models_reruns_teacher_pairs_rf1_and_every_evaluation(cop
     changed, closures = edited_status(copy_pipeline(tmp_path / "repo"), "models/dit.py")
     assert changed == importers(closures, "models/dit.py")
     assert {"teacher_pairs", "rf1"} | {name for name in closures if name.startswith("evaluate@")} <= changed
+
+
+def test_every_interpolated_params_key_is_required_written_out():
+    """dvc.yaml's `${section.key}` paths are read by DVC from the params file itself: `load_params` requires each."""
+    import re
+
+    from runtime.params import INTERPOLATED_KEYS
+
+    text = (ROOT / "dvc.yaml").read_text() + (ROOT / "text/dvc.yaml").read_text()
+    used = set(re.findall(r"\$\{([a-z_0-9]+\.[a-z_0-9]+)\}", text))
+    assert used == set(INTERPOLATED_KEYS)

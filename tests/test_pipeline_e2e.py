@@ -25,11 +25,12 @@ pytestmark = pytest.mark.e2e
 # Stages with an MLflow run; `validate` runs before them.
 STAGES = ["prepare", "fid_features", "vae", "extract", "fid_reference", "dit", "teacher_pairs", "evaluate@dit", "rf1",
           "rf1_classic", "evaluate@rf1", "evaluate@rf1_classic", "reflow_pairs@2", "reflow_pairs@2_classic",
-          "seqrf_pairs", "rf@2", "rf@2_classic", "seqrf", "distill_pairs", "distill_pairs_classic", "evaluate@rf2",
-          "evaluate@rf2_classic", "evaluate@seqrf", "distill", "distill_classic", "evaluate@distill",
-          "evaluate@distill_classic", "report"]
+          "seqrf_pairs", "meanflow", "rf@2", "rf@2_classic", "seqrf", "shortcut", "distill_pairs",
+          "distill_pairs_classic", "evaluate@meanflow", "evaluate@rf2", "evaluate@rf2_classic", "evaluate@seqrf",
+          "evaluate@shortcut", "distill", "distill_classic", "evaluate@distill", "evaluate@distill_classic", "report"]
 EVALUATED = {"dit": "dit", "rf1": "rf1", "rf2": "rf@2", "seqrf": "seqrf", "distill": "distill",
-             "rf1_classic": "rf1_classic", "rf2_classic": "rf@2_classic", "distill_classic": "distill_classic"}
+             "rf1_classic": "rf1_classic", "rf2_classic": "rf@2_classic", "distill_classic": "distill_classic",
+             "meanflow": "meanflow", "shortcut": "shortcut"}
 
 
 def output_dir(root: Path, stage: str) -> Path:

@@ -142,3 +142,18 @@ def test_a_stable_diffusion_folder_by_path_is_the_teacher_and_a_missing_componen
     shutil.rmtree(sd / "text_encoder")
     res = run(repo_copy, "-m", "stages.text_teacher")
     assert res.returncode == 1 and "text_encoder" in res.stderr and str(sd) in res.stderr, res.stderr
+
+
+def test_the_documented_diffusers_snippet_samples_the_one_step_model(text_repo):
+    """docs/text.md's few lines (diffusers and transformers alone) give the pipeline's own one-step sample."""
+    doc = (Path(__file__).resolve().parents[1] / "docs/text.md").read_text()
+    snippet = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    check = snippet.replace("z0 = torch.randn(", "torch.manual_seed(0)\nz0 = torch.randn(") + (
+        "from runtime.generator import load_generator, with_prompt\n"
+        "gen = with_prompt(load_generator('text/artifacts/distill'), 'a red seven')\n"
+        "ours = gen.sample(z0, torch.zeros(1, dtype=torch.long), steps=1, solver='euler').x\n"
+        "assert torch.equal(ours, z1), (ours - z1).abs().max()\n"
+        "assert image.shape[-3:] == (3, 16, 16)\n"
+        "print('same')\n")
+    res = run(text_repo, "-c", check, env={"PYTHONPATH": str(text_repo)})
+    assert res.returncode == 0 and "same" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]

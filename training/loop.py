@@ -125,12 +125,30 @@ def _loss(
     return loss
 
 
+def sync_gradients(parameters, accelerator: Accelerator) -> None:
+    """Average the gradients over the processes, as DDP would have: for an objective that runs the raw module
+    (MeanFlow's `torch.func.jvp` cannot run through the DDP wrapper, so DDP's gradient hooks never fire)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def _update(
     model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer, ema: EMAModel,
-    accelerator: Accelerator, grad_clip: float | None,
+    accelerator: Accelerator, grad_clip: float | None, manual_sync: bool = False,
 ) -> None:
-    """Backward, clip, optimiser step, then the EMA from the new weights."""
+    """Backward (and, for an objective past DDP, the gradients averaged by hand), clip, optimiser step, then the
+    EMA from the new weights."""
     accelerator.backward(loss)
+    if manual_sync:
+        sync_gradients(model.parameters(), accelerator)
     if grad_clip is not None:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -206,6 +224,7 @@ def train(
     rank, world = accelerator.process_index, accelerator.num_processes
     source = (InMemorySource(data, cfg.seed) if isinstance(data, dict) else data).to(device)
     model, optimizer, ema, start = _prepare(model, cfg, accelerator, resume)
+    manual_sync = getattr(loss_fn, "manual_gradient_sync", False)  # the objective bypasses DDP (reflow/meanflow.py)
 
     global_batch = cfg.batch_size * world
     window = _LogWindow(device)
@@ -217,7 +236,7 @@ def train(
     for step in range(start, cfg.steps):
         batch = source.batch(step, global_batch, rank, cfg.batch_size)
         loss = _loss(model, loss_fn, batch, step, rank, cfg, accelerator, desc)
-        _update(model, loss, optimizer, ema, accelerator, cfg.grad_clip)
+        _update(model, loss, optimizer, ema, accelerator, cfg.grad_clip, manual_sync)
         crash_point("train_step")
         window.add(loss)
         done = step + 1

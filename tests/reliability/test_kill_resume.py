@@ -75,6 +75,8 @@ CASES = [
     ("seqrf_pairs", "shard_written@2", "python", {"generated_this_run": 16}),
     ("seqrf", "output_rename", "dvc", {"resumed_from_step": 20}),
     ("distill", "train_step@15", "dvc", {"resumed_from_step": 10}),
+    ("meanflow", "train_step@15", "dvc", {"resumed_from_step": 10}),  # its JVP objective, resumed exactly
+    ("shortcut", "checkpoint_write@2", "python", {"resumed_from_step": 10}),
     # 10 points: seeds 0, 1 at Euler NFE 1, 2, 4 and RK45, the extra seed 2 at NFE 1, 2; killed after the 4th
     ("evaluate@rf1", "eval_point@4", "dvc", {"points_measured_this_run": 6}),
 ]

@@ -98,13 +98,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     bin_dir = Path(sys.executable).parent
     prefect_url = f"http://{args.host}:{args.prefect_port}"
     mlflow_url = f"http://{args.host}:{args.mlflow_port}"
-    procs = [
-        subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", args.host,
-                          "--port", str(args.prefect_port)], start_new_session=True),
-        subprocess.Popen([str(bin_dir / "mlflow"), "server", "--host", args.host, "--port",
-                          str(args.mlflow_port), "--backend-store-uri",
-                          tracking_uri(params.tracking.uri, root)], start_new_session=True),
-    ]
+    store = tracking_uri(params.tracking.uri, root)
+    procs = [subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", args.host,
+                               "--port", str(args.prefect_port)], start_new_session=True)]
+    if store.startswith(("http://", "https://")):  # a shared server (MLFLOW_TRACKING_URI): its UI is its own
+        mlflow_url = store
+    else:
+        procs.append(subprocess.Popen([str(bin_dir / "mlflow"), "server", "--host", args.host, "--port",
+                                       str(args.mlflow_port), "--backend-store-uri", store], start_new_session=True))
     ok = _wait_http(f"{prefect_url}/api/health", 90) and _wait_http(mlflow_url, 90)
     if ok:
         print(f"\nPrefect UI: {prefect_url}\nMLflow UI:  {mlflow_url}\n"
@@ -194,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("sample", help="a grid of samples from any trained model")
-    p.add_argument("--model", required=True, help="a stage (dit, rf1, rf@2, seqrf, distill; text_teacher, text_rf1, "
-                                                  "text_distill) or a model folder")
+    p.add_argument("--model", required=True, help="a stage (dit, rf1, rf@2, seqrf, distill, meanflow, shortcut; "
+                                                  "text_teacher, text_rf1, text_distill) or a model folder")
     p.add_argument("--steps", type=int, required=True, help="sampler steps (NFE, doubled with guidance)")
     p.add_argument("--solver", choices=["euler", "heun", "ddim"], default=None,
                    help="default: ddim for the DiT teacher, euler for velocity models")

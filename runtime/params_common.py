@@ -70,7 +70,7 @@ class TrackingParams(Strict):
     """MLflow settings. No stage's outputs depend on them, so no DVC stage lists this section."""
 
     # The default store is absolute: a relative sqlite URI would follow each process's working directory.
-    uri: str | None = Field(None, description="null: sqlite:///<repo>/mlflow.db")
+    uri: str | None = Field(None, description="null: $MLFLOW_TRACKING_URI if set, else sqlite:///<repo>/mlflow.db")
     experiment: str = "reflow"
     ui_url: str = "http://127.0.0.1:5000"  # where `reflow ui` serves MLflow; used for links in Prefect
 

@@ -48,21 +48,33 @@ def run_tags(values: Mapping[str, str] | None = None, *, inputs: Mapping[str, st
 
 
 def tracking_uri(uri: str | None, root: Path) -> str:
-    """The configured URI, or an absolute sqlite file in the workspace root.
+    """The configured URI (`tracking.uri`), else `MLFLOW_TRACKING_URI` (one MLflow server shared by workers on
+    several machines, docs/workers.md), else an absolute sqlite file in the workspace root.
 
     `dvc exp run --temp` and queued experiments run stages in a throwaway copy of the repo and name the
     real workspace in DVC_ROOT; the default store lives there, so experiment runs sit next to the
     workspace's and outlive the copy.
     """
     home = Path(os.environ.get("DVC_ROOT") or root)
-    return uri or f"sqlite:///{(home / 'mlflow.db').resolve()}"
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env == os.environ.get(DERIVED_URI_ENV):  # what MLflow exported for a workspace store, not the user
+        env = None
+    return uri or env or f"sqlite:///{(home / 'mlflow.db').resolve()}"
+
+
+# `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI to child processes; when the URI is a workspace's own
+# store (not one the user gave), this variable says so, so that a process working in another workspace ignores it.
+DERIVED_URI_ENV = "REFLOW_WORKSPACE_MLFLOW_URI"
 
 
 def configure(uri: str | None, experiment: str, root: Path) -> str:
     """Point MLflow at the store and experiment; returns the experiment id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(uri, root))
+    resolved = tracking_uri(uri, root)
+    mlflow.set_tracking_uri(resolved)
+    if resolved.startswith("sqlite:///") and not uri:
+        os.environ[DERIVED_URI_ENV] = resolved
     return mlflow.set_experiment(experiment).experiment_id
 
 

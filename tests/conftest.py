@@ -24,6 +24,7 @@ for var, value in {
 }.items():
     os.environ[var] = value
 os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # the tests' stores are their workspaces' own sqlite files
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", "data", "text", *PACKAGES)  # text/: the text pipeline's dvc.yaml and prompts

@@ -67,3 +67,16 @@ def test_killed_stage_run_is_continued_not_duplicated(tmp_path):
     with tracking.stage_run(**kw) as again:
         pass
     assert again.info.run_id != first
+
+
+def test_mlflow_tracking_uri_is_honoured_when_tracking_uri_is_null(tmp_path, monkeypatch):
+    from storage.tracking import tracking_uri
+
+    assert tracking_uri(None, tmp_path) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking_uri(None, tmp_path) == "http://127.0.0.1:5999"  # workers on several machines share it
+    assert tracking_uri("sqlite:///elsewhere.db", tmp_path) == "sqlite:///elsewhere.db"  # params win
+    # MLflow exports the URI it is set to; a workspace's own store, so exported, does not follow into another
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tracking.configure(None, "t", tmp_path / "a")
+    assert tracking_uri(None, tmp_path / "b") == f"sqlite:///{(tmp_path / 'b' / 'mlflow.db').resolve()}"

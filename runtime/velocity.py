@@ -27,6 +27,7 @@ from reflow.samplers import Solver
 from runtime.context import StageContext, train_config
 from runtime.generator import require_time_axis
 from runtime.params import ComputeParams, VelocityTrainParams
+from runtime.spec import StageSpec
 from storage.atomic import atomic_dir
 from storage.checkpoints import read_meta, save_model
 from storage.datasets import Dataset, open_dataset
@@ -193,3 +194,17 @@ def coupling_data(ctx: StageContext, p, meta: dict) -> BatchSource | dict:
     distance = (arrays["z1"] - arrays["z0"]).flatten(1).double().norm(dim=1)
     keep = torch.sort(torch.argsort(distance, stable=True)[: n - int(round(p.drop_farthest * n))]).values
     return {name: a[keep] for name, a in arrays.items()}
+
+
+def interval_model_spec(name: str) -> StageSpec:
+    """The stage of an interval model (`meanflow`, `shortcut`): its section names the pair set it trains on and
+    the model it starts from, so both are dependencies built from those keys."""
+    return StageSpec(
+        name=name,
+        params=("compute", name),
+        deps={"pairs": f"artifacts/${{{name}.pairs}}", "latents": "artifacts/extract",
+              "init": f"artifacts/${{{name}.init_from}}", "teacher_pairs": "artifacts/teacher_pairs",
+              "dit": "artifacts/dit", "vae": "artifacts/vae"},
+        outs={"model": f"artifacts/{name}"},
+        metrics=f"metrics/{name}.json",
+    )

@@ -16,18 +16,9 @@ from reflow.rectified import coupling
 from reflow.samplers import IntervalEuler
 from runtime.context import StageContext
 from runtime.main import stage_main
-from runtime.spec import StageSpec
-from runtime.velocity import coupling_data, teacher_meta, velocity_stage
+from runtime.velocity import coupling_data, interval_model_spec, teacher_meta, velocity_stage
 
-SPEC = StageSpec(
-    name="meanflow",
-    params=("compute", "meanflow"),
-    deps={"pairs": "artifacts/${meanflow.pairs}", "latents": "artifacts/extract",
-          "init": "artifacts/${meanflow.init_from}", "teacher_pairs": "artifacts/teacher_pairs",
-          "dit": "artifacts/dit", "vae": "artifacts/vae"},
-    outs={"model": "artifacts/meanflow"},
-    metrics="metrics/meanflow.json",
-)
+SPEC = interval_model_spec("meanflow")
 
 
 def run(ctx: StageContext) -> dict:

@@ -15,18 +15,9 @@ from reflow.samplers import IntervalEuler
 from reflow.shortcut import Shortcut, allowed_steps
 from runtime.context import StageContext
 from runtime.main import stage_main
-from runtime.spec import StageSpec
-from runtime.velocity import coupling_data, teacher_meta, velocity_stage
+from runtime.velocity import coupling_data, interval_model_spec, teacher_meta, velocity_stage
 
-SPEC = StageSpec(
-    name="shortcut",
-    params=("compute", "shortcut"),
-    deps={"pairs": "artifacts/${shortcut.pairs}", "latents": "artifacts/extract",
-          "init": "artifacts/${shortcut.init_from}", "teacher_pairs": "artifacts/teacher_pairs",
-          "dit": "artifacts/dit", "vae": "artifacts/vae"},
-    outs={"model": "artifacts/shortcut"},
-    metrics="metrics/shortcut.json",
-)
+SPEC = interval_model_spec("shortcut")
 
 
 def run(ctx: StageContext) -> dict:

@@ -47,34 +47,30 @@ def run_tags(values: Mapping[str, str] | None = None, *, inputs: Mapping[str, st
     return tags
 
 
+# The user's MLFLOW_TRACKING_URI, read before MLflow can overwrite it: `mlflow.set_tracking_uri` exports the URI it
+# is given to child processes, so a stage started by a flow working in another workspace would otherwise log
+# there. Children inherit the user's value (empty: none) through USER_URI_ENV instead.
+USER_URI_ENV = "REFLOW_USER_MLFLOW_TRACKING_URI"
+os.environ.setdefault(USER_URI_ENV, os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+
 def tracking_uri(uri: str | None, root: Path) -> str:
-    """The configured URI (`tracking.uri`), else `MLFLOW_TRACKING_URI` (one MLflow server shared by workers on
-    several machines, docs/workers.md), else an absolute sqlite file in the workspace root.
+    """The configured URI (`tracking.uri`), else the user's `MLFLOW_TRACKING_URI` (one MLflow server shared by
+    workers on several machines, docs/workers.md), else an absolute sqlite file in the workspace root.
 
     `dvc exp run --temp` and queued experiments run stages in a throwaway copy of the repo and name the
     real workspace in DVC_ROOT; the default store lives there, so experiment runs sit next to the
     workspace's and outlive the copy.
     """
     home = Path(os.environ.get("DVC_ROOT") or root)
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env and env == os.environ.get(DERIVED_URI_ENV):  # what MLflow exported for a workspace store, not the user
-        env = None
-    return uri or env or f"sqlite:///{(home / 'mlflow.db').resolve()}"
-
-
-# `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI to child processes; when the URI is a workspace's own
-# store (not one the user gave), this variable says so, so that a process working in another workspace ignores it.
-DERIVED_URI_ENV = "REFLOW_WORKSPACE_MLFLOW_URI"
+    return uri or os.environ.get(USER_URI_ENV) or f"sqlite:///{(home / 'mlflow.db').resolve()}"
 
 
 def configure(uri: str | None, experiment: str, root: Path) -> str:
     """Point MLflow at the store and experiment; returns the experiment id."""
     import mlflow
 
-    resolved = tracking_uri(uri, root)
-    mlflow.set_tracking_uri(resolved)
-    if resolved.startswith("sqlite:///") and not uri:
-        os.environ[DERIVED_URI_ENV] = resolved
+    mlflow.set_tracking_uri(tracking_uri(uri, root))
     return mlflow.set_experiment(experiment).experiment_id
 
 

@@ -1,7 +1,9 @@
 """Lineage helpers on a real git + DVC repo, and MLflow stage runs on a real sqlite store."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -70,13 +72,16 @@ def test_killed_stage_run_is_continued_not_duplicated(tmp_path):
 
 
 def test_mlflow_tracking_uri_is_honoured_when_tracking_uri_is_null(tmp_path, monkeypatch):
-    from storage.tracking import tracking_uri
+    from storage.tracking import USER_URI_ENV, tracking_uri
 
     assert tracking_uri(None, tmp_path) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert tracking_uri(None, tmp_path) == "http://127.0.0.1:5999"  # workers on several machines share it
-    assert tracking_uri("sqlite:///elsewhere.db", tmp_path) == "sqlite:///elsewhere.db"  # params win
-    # MLflow exports the URI it is set to; a workspace's own store, so exported, does not follow into another
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    tracking.configure(None, "t", tmp_path / "a")
-    assert tracking_uri(None, tmp_path / "b") == f"sqlite:///{(tmp_path / 'b' / 'mlflow.db').resolve()}"
+    # what MLflow exports after set_tracking_uri is not the user's choice, and is not followed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    assert tracking_uri(None, tmp_path) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:5999"}
+    env.pop(USER_URI_ENV)  # a fresh process that the user started with the variable set
+    code = ("from pathlib import Path; from storage.tracking import tracking_uri; "
+            "print(tracking_uri(None, Path('.'))); print(tracking_uri('sqlite:///given.db', Path('.')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out == ["http://127.0.0.1:5999", "sqlite:///given.db"]  # params win over the variable

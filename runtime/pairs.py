@@ -105,14 +105,21 @@ def generate_pairs(
     return stats
 
 
+def nearest_rows(z0: np.ndarray, z1: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the rows kept, in row order; every row's `||z1 - z0||`): all but the `fraction` of pairs farthest
+    apart (Re-MeanFlow's filter; ties kept in row order)."""
+    distance = np.linalg.norm((z1 - z0).reshape(len(z0), -1).astype(np.float64), axis=1)
+    n_keep = len(z0) - int(round(fraction * len(z0)))
+    return np.sort(np.argsort(distance, kind="stable")[:n_keep]), distance
+
+
 def drop_farthest_pairs(path: Path, fraction: float, made_by: dict[str, str]) -> dict[str, float]:
     """Rewrite the pairs at `path` without the `fraction` of rows whose `||z1 - z0||` is largest (ties kept in
     row order); the kept rows keep their order, the attrs say what was dropped. Loads the set into RAM."""
     pairs = open_dataset(path, kind="pairs")
     arrays = {name: pairs.load(name) for name in pairs.names}
-    distance = np.linalg.norm((arrays["z1"] - arrays["z0"]).reshape(pairs.n_rows, -1).astype(np.float64), axis=1)
-    n_keep = pairs.n_rows - int(round(fraction * pairs.n_rows))
-    keep = np.sort(np.argsort(distance, kind="stable")[:n_keep])
+    keep, distance = nearest_rows(arrays["z0"], arrays["z1"], fraction)
+    n_keep = len(keep)
     threshold = float(distance[keep].max())
     attrs = {k: v for k, v in pairs.attrs.items() if k not in REQUIRED_ATTRS}
     attrs |= {"dropped_farthest": fraction, "distance_threshold": threshold, "rows_generated": pairs.n_rows}

@@ -26,6 +26,7 @@ from reflow.rectified import velocity_field
 from reflow.samplers import Solver
 from runtime.context import StageContext, train_config
 from runtime.generator import require_time_axis
+from runtime.pairs import nearest_rows
 from runtime.params import ComputeParams, VelocityTrainParams
 from runtime.spec import StageSpec
 from storage.atomic import atomic_dir
@@ -190,10 +191,9 @@ def coupling_data(ctx: StageContext, p, meta: dict) -> BatchSource | dict:
         return training_rows(path, meta, compute, rows=rows)
     pairs = _pairs(path, meta, ("z0", "z1", "label"))
     n = pairs.n_rows if rows is None else rows
-    arrays = {name: as_tensor(name, pairs.read(name, 0, n)) for name in ("z0", "z1", "label")}
-    distance = (arrays["z1"] - arrays["z0"]).flatten(1).double().norm(dim=1)
-    keep = torch.sort(torch.argsort(distance, stable=True)[: n - int(round(p.drop_farthest * n))]).values
-    return {name: a[keep] for name, a in arrays.items()}
+    arrays = {name: pairs.read(name, 0, n) for name in ("z0", "z1", "label")}
+    keep, _ = nearest_rows(arrays["z0"], arrays["z1"], p.drop_farthest)
+    return {name: as_tensor(name, a[keep]) for name, a in arrays.items()}
 
 
 def interval_model_spec(name: str) -> StageSpec:

@@ -44,14 +44,14 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import pipeline
+    from flows.pipeline import with_task_runner
     from runtime.params import ParamsError, load_params
     from storage.repo import find_repo_root
 
     root = find_repo_root()
     try:
-        load_params(root / "params.yaml")
-    except ParamsError as exc:
+        pipeline = with_task_runner(load_params(root / "params.yaml").scheduler)
+    except (ParamsError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 2
     where = os.environ.get("PREFECT_API_URL") or "an ephemeral Prefect server (set PREFECT_API_URL to use yours)"

@@ -49,9 +49,15 @@ def generation_autocast(compute: Any):
     return torch.autocast(device.split(":")[0], dtype=dtype)
 
 
+def cores() -> int:
+    """The cores this stage may use: its share when the pipeline flow splits them between concurrent stages
+    (`scheduler.cpu_threads: split`, flows/schedule.py), else every core of the machine."""
+    return int(os.environ.get("REFLOW_CORES") or 0) or os.cpu_count() or 1
+
+
 def set_threads(params: ParamsView, processes: int = 1) -> None:
-    """`compute.num_threads`, or the cores shared out among the stage's processes."""
+    """`compute.num_threads`, or the stage's cores shared out among its processes."""
     import torch
 
     n = params.compute.num_threads if "compute" in params._sections else None
-    torch.set_num_threads(n or max(1, (os.cpu_count() or 1) // processes))
+    torch.set_num_threads(n or max(1, cores() // processes))

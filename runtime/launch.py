@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.context import StageContext, StageError, failure_detail
-from runtime.devices import ENV_LAUNCH_DIR, set_threads, uses_cuda
+from runtime.devices import ENV_LAUNCH_DIR, cores, set_threads, uses_cuda
 from runtime.params import Params, ParamsView, load_params
 from runtime.spec import StageSpec
 from storage import repo, tracking
@@ -65,7 +65,7 @@ def launch(ctx: StageContext, params: Params, *, run_id: str) -> dict[str, Any]:
             "scratch": str(ctx.scratch), "inputs": ctx.inputs, "params_hash": ctx.params_hash, "run_id": run_id})
         env = {ENV_LAUNCH_DIR: tmp, ENV_LAUNCHER_PID: str(os.getpid()),
                # torchrun sets 1 thread per process otherwise; each gets its share of the cores
-               "OMP_NUM_THREADS": str(compute.num_threads or max(1, (os.cpu_count() or 1) // n))}
+               "OMP_NUM_THREADS": str(compute.num_threads or max(1, cores() // n))}
         if not cuda and sys.platform == "linux" and "GLOO_SOCKET_IFNAME" not in os.environ:
             env["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: gloo's connections stay on the loopback device
         saved_env = dict(os.environ)

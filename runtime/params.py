@@ -30,6 +30,7 @@ from runtime.params_common import NFE as NFE
 from runtime.params_common import ComputeParams as ComputeParams
 from runtime.params_common import DataParams as DataParams
 from runtime.params_common import Decay as Decay
+from runtime.params_common import SchedulerParams as SchedulerParams
 from runtime.params_common import Strict as Strict
 from runtime.params_common import TrackingParams as TrackingParams
 from runtime.params_common import TrainParams as TrainParams
@@ -68,6 +69,7 @@ class Params(Strict):
     data: DataParams = DataParams()
     compute: ComputeParams = ComputeParams()
     tracking: TrackingParams = TrackingParams()
+    scheduler: SchedulerParams = SchedulerParams()
     vae: VAEParams = VAEParams()
     extract: ExtractParams = ExtractParams()
     dit: DiTParams = DiTParams()
@@ -204,7 +206,7 @@ class Params(Strict):
 
 
 SECTIONS: tuple[str, ...] = tuple(Params.model_fields)
-OPTIONAL_SECTIONS = frozenset({"tracking"})  # no stage reads it through DVC
+OPTIONAL_SECTIONS = frozenset({"tracking", "scheduler"})  # no stage reads them through DVC
 # Keys dvc.yaml interpolates into paths (`artifacts/${distill.source}`): DVC reads them from the file itself, so
 # they must be written out even at their defaults (tests/test_dvc_yaml.py checks this list against dvc.yaml).
 INTERPOLATED_KEYS = ("data.path", "distill.source", "distill.classic_source", "meanflow.pairs", "meanflow.init_from",

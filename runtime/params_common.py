@@ -75,6 +75,21 @@ class TrackingParams(Strict):
     ui_url: str = "http://127.0.0.1:5000"  # where `reflow ui` serves MLflow; used for links in Prefect
 
 
+class SchedulerParams(Strict):
+    """How `reflow run` runs the stages (flows/schedule.py). No stage lists this section, so changing it reruns
+    nothing; with `cpu_threads: shared` it changes no number either."""
+
+    concurrency: int = Field(2, ge=1, le=64, description=(
+        "stages at once, each as soon as its upstream stages are done (1: one at a time)"))
+    cpu_threads: Literal["shared", "split"] = Field("shared", description=(
+        "shared: each stage its usual threads, so results are bitwise those of a serial run | split: cores / "
+        "concurrency each, faster on parallel branches but results then depend on the concurrency"))
+    task_runner: Literal["threads", "dask", "ray"] = Field("threads", description=(
+        "threads: stages start from this machine | dask, ray: on a cluster (prefect-dask/prefect-ray, shared "
+        "filesystem)"))
+    address: str | None = Field(None, description="dask/ray: the cluster's address (null: a local cluster)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The base of every training section
 # ---------------------------------------------------------------------------------------------------------

@@ -80,7 +80,9 @@ def run_stage_process(stage: str, root: Path, *, env: dict[str, str], timeout_s:
     """Run `dvc repro --single-item stage` in `root`, streaming output to `log(line)`."""
     from runtime.text_chain import address
 
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", address(stage)]
+    # --wait-for-lock: DVC holds its workspace lock only around a stage (never while the command runs), so a
+    # stage finishing beside this one delays its start by moments; failing instead would cost a retry.
+    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", address(stage)]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -167,11 +169,12 @@ def _record_in_mlflow(stage: str, root: Path, outcome: StageOutcome, tracking_cf
     log_prints=False,
 )
 def dvc_stage(stage: str, root: str, timeout_s: float, tracking_cfg: dict[str, str],
-              known_up_to_date: bool = False) -> StageOutcome:
+              known_up_to_date: bool = False, env: dict[str, str] | None = None, slot: str = "") -> StageOutcome:
     """Run one DVC stage; leaves a Prefect artifact saying whether it ran, was skipped or restored.
 
     `known_up_to_date`: the flow's `dvc status` found the stage and its inputs unchanged, so no `dvc repro`
-    is started for it (DVC would only say it skipped it).
+    is started for it (DVC would only say it skipped it). `env`: the devices of the flow's slot for it
+    (flows/schedule.py), named `slot`.
     """
     from storage.tracking import ENV_PARENT_RUN, ENV_PIPELINE_RUN
 
@@ -179,7 +182,9 @@ def dvc_stage(stage: str, root: str, timeout_s: float, tracking_cfg: dict[str, s
     if known_up_to_date:
         outcome = StageOutcome(stage, "skipped_up_to_date", 0.0)
     else:
-        env = stage_env({ENV_PARENT_RUN: tracking_cfg["parent_run_id"],
+        if slot:
+            logger.info("stage %s starts on %s", stage, slot)
+        env = stage_env({**(env or {}), ENV_PARENT_RUN: tracking_cfg["parent_run_id"],
                          ENV_PIPELINE_RUN: tracking_cfg["pipeline_run_id"]})
         outcome = run_stage_process(stage, Path(root), env=env, timeout_s=timeout_s, log=logger.info)
     safe_key = stage.replace("@", "-").replace("_", "-").lower()

@@ -211,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
 
-    from flows import deploy, dvc_yaml, lineage, remote
+    from flows import deploy, dvc_yaml, lineage, remote, serve
 
-    for module in (lineage, deploy, remote, dvc_yaml):  # each module owns its commands' arguments
+    for module in (lineage, deploy, remote, dvc_yaml, serve):  # each module owns its commands' arguments
         module.add_commands(sub)
 
     return parser

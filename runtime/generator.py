@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.dit import TIME_AXIS, dit_epsilon, load_dit
@@ -178,33 +179,33 @@ def with_prompt(gen: Generator, prompt: str) -> Generator:
     return replace(gen, model=model, meta={**gen.meta, "num_classes": 1, "null_label": model.null_label})
 
 
-def sample_grid(root: Path, model: str, *, steps: int, solver: str | None = None, label: int | None = None,
-                n: int = 64, out: Path, guidance: float | None = None, seed: int = 0, vae: str | None = None,
-                device: str = "cpu", prompt: str | None = None) -> dict:
-    """`reflow sample`: `n` samples of a trained model as one PNG grid; returns what was made.
-
-    `model` is a stage name (`rf@2`, `dit`, `text_distill`) or a model folder. Labels are `label` for every
-    sample, or i mod K; a text model takes `prompt` for every sample instead, or its prompt table's i mod K.
-    Noise comes from per-sample seeds of base `seed`, the way `evaluate` draws it.
-    """
-    import numpy as np
-
-    from imagedata.grids import save_grid
-    from models.vae import VAE_SUBFOLDER, decode_latents, load_vae
-    from reflow.seeds import per_sample_noise, sample_seeds
+def open_model(root: Path, model: str, *, guidance: float | None = None) -> tuple[Generator, Path]:
+    """A stage's model (`rf@2`, `dit`, `text_distill`) or a model folder, ready to sample, and the artifacts folder of
+    the pipeline it belongs to (where its VAE is). The teacher is used at its pairs' guidance."""
+    from runtime.text_chain import ARTIFACTS
     from storage.datasets import open_dataset
 
     path = Path(model) if Path(model).exists() else stage_artifact(root, model)
     if not path.exists():
         raise GeneratorError(f"{model!r} is neither a model folder nor a stage with outputs at {path}")
-    from runtime.text_chain import ARTIFACTS
-
     text = path.resolve().is_relative_to((root / ARTIFACTS).resolve())
-    artifacts = root / ARTIFACTS if text else root / "artifacts"  # the pipeline the model belongs to
+    artifacts = root / ARTIFACTS if text else root / "artifacts"
     pairs = artifacts / "teacher_pairs" / "pairs.zarr"
     teacher_guidance = (float(open_dataset(pairs, kind="pairs").attrs["guidance_scale"]) if pairs.exists()
                         else None)
     gen = load_generator(path, teacher_guidance=teacher_guidance if teacher_guidance is not None else guidance)
+    return gen, artifacts
+
+
+def sample_images(gen: Generator, decoder: torch.nn.Module, *, steps: int, solver: str | None = None,
+                  label: int | None = None, n: int = 64, guidance: float | None = None, seed: int = 0,
+                  device: str = "cpu", prompt: str | None = None) -> tuple[np.ndarray, dict]:
+    """`n` images (N, C, H, W in [0, 1]) of `gen` decoded by `decoder`, and what was made. Labels are `label` for
+    every sample, or i mod K; a text model takes `prompt` for every sample instead. Noise comes from per-sample
+    seeds of base `seed`, the way `evaluate` draws it."""
+    from models.vae import decode_latents
+    from reflow.seeds import per_sample_noise, sample_seeds
+
     if prompt is not None:
         if label is not None:
             raise GeneratorError("--prompt and --class both set what to draw: give one")
@@ -212,15 +213,29 @@ def sample_grid(root: Path, model: str, *, steps: int, solver: str | None = None
     solver = solver or gen.solvers[0]
     num_classes = int(gen.meta["num_classes"])
     if label is not None and not 0 <= label < num_classes:
-        raise GeneratorError(f"--class {label} is out of range: {path} has classes 0..{num_classes - 1}")
+        raise GeneratorError(f"--class {label} is out of range: {gen.path} has classes 0..{num_classes - 1}")
     labels = np.full(n, label, dtype=np.int64) if label is not None else np.arange(n, dtype=np.int64) % num_classes
     z0 = per_sample_noise(sample_seeds(seed, 0, n), tuple(gen.meta["latent_shape"]))
     gen.to(device)
     res = gen.sample(z0.to(device), torch.from_numpy(labels).to(device), steps=steps, solver=solver, guidance=guidance)
+    images = decode_latents(decoder, res.x.float(), gen.meta["scale_factor"]).numpy()
+    return images, {"model": str(gen.path), "kind": gen.kind, "solver": solver, "steps": steps, "nfe": res.nfe,
+                    "samples": n, "guidance": gen.default_guidance if guidance is None else guidance,
+                    "prompt": prompt, "num_classes": num_classes}
+
+
+def sample_grid(root: Path, model: str, *, steps: int, solver: str | None = None, label: int | None = None,
+                n: int = 64, out: Path, guidance: float | None = None, seed: int = 0, vae: str | None = None,
+                device: str = "cpu", prompt: str | None = None) -> dict:
+    """`reflow sample`: `n` samples of a trained model (a stage name or a model folder) as one PNG grid; returns
+    what was made."""
+    from imagedata.grids import save_grid
+    from models.vae import VAE_SUBFOLDER, load_vae
+
+    gen, artifacts = open_model(root, model, guidance=guidance)
     vae_dir = Path(vae) if vae else artifacts / "vae" / VAE_SUBFOLDER
-    images = decode_latents(load_vae(vae_dir).to(device).eval(), res.x.float(), gen.meta["scale_factor"]).numpy()
+    images, made = sample_images(gen, load_vae(vae_dir).to(device).eval(), steps=steps, solver=solver, label=label,
+                                 n=n, guidance=guidance, seed=seed, device=device, prompt=prompt)
     one = label is not None or prompt is not None
-    save_grid(images, out, nrow=int(np.ceil(np.sqrt(n))) if one else min(num_classes, 16))
-    return {"model": str(gen.path), "kind": gen.kind, "solver": solver, "steps": steps, "nfe": res.nfe,
-            "samples": n, "out": str(out), "guidance": gen.default_guidance if guidance is None else guidance,
-            "prompt": prompt}
+    save_grid(images, out, nrow=int(np.ceil(np.sqrt(n))) if one else min(made["num_classes"], 16))
+    return {**made, "out": str(out)}

@@ -19,9 +19,6 @@ from typing import Any
 
 MAX_SAMPLES = 64
 MAX_STEPS = 1000
-CLASS_MODELS = ("dit", "rf1", "rf@2", "seqrf", "distill", "meanflow", "shortcut", "rf1_classic", "rf@2_classic",
-                "distill_classic")
-TEXT_MODELS = ("text_teacher", "text_rf1", "text_distill")
 TEACHERS = {"class": "dit", "text": "text_teacher"}
 
 
@@ -30,7 +27,13 @@ class Sampler:
     has no room for two)."""
 
     def __init__(self, root: Path, device: str = "cpu"):
+        from runtime.params import load_params
+
         self.root, self.device = root, device
+        params = load_params(root / "params.yaml")
+        # The models the workspace evaluates, as stage names: the report's models, no second list of them here.
+        self.models = [*dict.fromkeys(params.evaluate_models.values()),
+                       *(f"text_{m}" for m in dict.fromkeys(params.text_evaluate_models.values()))]
         self._models: dict[str, Any] = {}
         self._decoders: dict[Path, Any] = {}
         self._lock = threading.Lock()
@@ -38,7 +41,7 @@ class Sampler:
     def available(self) -> list[str]:
         from runtime.generator import stage_artifact
 
-        return [m for m in (*CLASS_MODELS, *TEXT_MODELS) if stage_artifact(self.root, m).is_dir()]
+        return [m for m in self.models if stage_artifact(self.root, m).is_dir()]
 
     def _open(self, model: str):
         from models.vae import VAE_SUBFOLDER, load_vae
@@ -125,8 +128,9 @@ def make_app(root: Path, device: str = "cpu"):
     def sample(model: str, steps: int = Query(1), n: int = Query(16), seed: int = Query(0),
                label: int | None = Query(None), prompt: str | None = Query(None),
                guidance: float | None = Query(None)):
-        if model not in sampler.available():
-            return JSONResponse({"error": f"unknown model {model!r}; trained here: {', '.join(sampler.available())}"},
+        trained = sampler.available()
+        if model not in trained:
+            return JSONResponse({"error": f"unknown model {model!r}; trained here: {', '.join(trained)}"},
                                 status_code=400)
         try:
             return sampler.sample(model, steps=steps, n=n, seed=seed, label=label, prompt=prompt or None,

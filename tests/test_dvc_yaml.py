@@ -126,7 +126,7 @@ def test_no_stage_reruns_on_tracking_params(name):
 
 def test_every_params_section_is_used_by_some_stage_or_is_tracking():
     used = {s for stage in Repo(str(ROOT)).index.stages for s in params_sections(stage)}  # both pipelines
-    assert used | {"tracking", "reflow_rounds", "evaluate_models", "text_evaluate_models"} == set(SECTIONS)
+    assert used | {"tracking", "scheduler", "reflow_rounds", "evaluate_models", "text_evaluate_models"} == set(SECTIONS)
 
 
 def test_outputs_are_produced_once_and_validate_runs_before_every_other_stage():

@@ -26,13 +26,14 @@ def compute(device="auto", num_processes=1):
     return SimpleNamespace(device=device, num_processes=num_processes)
 
 
-def run_sleeping(graph, order, concurrency, seconds=0.2, fail=()):
-    """run_dag on a thread pool where each stage sleeps; returns {stage: (start, end, slot)} and the error."""
+def run_sleeping(graph, order, concurrency, seconds=0.2, fail=(), slow=()):
+    """run_dag on a thread pool where each stage sleeps (the `slow` ones 5 x longer); returns
+    {stage: (start, end, slot)} and the error."""
     spans, lock = {}, threading.Lock()
 
     def work(stage, slot):
         start = time.monotonic()
-        time.sleep(seconds)
+        time.sleep(seconds * (5 if stage in slow else 1))
         with lock:
             spans[stage] = (start, time.monotonic(), slot.name)
         if stage in fail:
@@ -69,7 +70,8 @@ def test_concurrency_one_runs_stages_one_at_a_time_in_order():
 
 def test_after_a_failure_no_new_stage_starts_but_running_ones_finish():
     graph = {"a": [], "slow": [], "after_a": ["a"], "after_slow": ["slow"]}
-    spans, exc = run_sleeping(graph, ["a", "slow", "after_a", "after_slow"], concurrency=2, fail={"a"})
+    spans, exc = run_sleeping(graph, ["a", "slow", "after_a", "after_slow"], concurrency=2, fail={"a"},
+                              slow={"slow"})
     assert isinstance(exc, StagesFailed) and list(exc.failures) == ["a"] and "a failed" in str(exc)
     assert set(spans) == {"a", "slow"}  # slow finished; nothing downstream of either started
 
